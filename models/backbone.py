@@ -1,0 +1,111 @@
+"""Shared GPT-2 backbone: read_in -> (+ positions) -> GPT2Block x n_layer -> ln_f -> read_out.
+
+The reference wrapped a full ``GPT2Model`` between ``read_in`` and ``read_out`` and fed inputs as
+embeddings, so its 50257-row token table was never used. We build only the parts that run: the
+blocks, the final layer norm and a position embedding supplied by the subclass.
+
+Attention masks (transformers 5, SDPA): ``GPT2Block(h, attention_mask=m)`` hands ``m`` untouched to
+``sdpa_attention_forward``, which calls ``F.scaled_dot_product_attention(attn_mask=m,
+is_causal=False)`` whenever a mask is given (``is_causal=True`` only when the mask is None). So
+each layer gets an explicit boolean (1, 1, L, L) mask, True = may attend, that already includes
+the causal rule. Masks live in a non-persistent buffer, so ``state_dict`` holds parameters only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import GPT2Config
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Attention, GPT2Block
+from transformers.pytorch_utils import Conv1D
+
+
+def seq_len(V: int, C: int) -> int:
+    """Sequence length: V groups of (table + C columns), then separator, q1, q2."""
+    return V * (C + 1) + 3
+
+
+def causal_mask(L: int) -> torch.Tensor:
+    """(L, L) bool, True where key <= query."""
+    return torch.ones(L, L, dtype=torch.bool).tril()
+
+
+def gpt2_config(cfg: dict) -> GPT2Config:
+    """GPT-2 config as the reference ran it: all dropout 0, SDPA attention."""
+    return GPT2Config(
+        n_embd=cfg["n_embd"],
+        n_layer=cfg["n_layer"],
+        n_head=cfg["n_head"],
+        n_positions=cfg["n_positions"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+
+
+class GPT2Backbone(nn.Module):
+    """Base class; subclasses define ``position_embedding()`` and pass per-layer masks."""
+
+    def __init__(self, cfg: dict, masks: torch.Tensor):
+        super().__init__()
+        self.config = gpt2_config(cfg)
+        self.n_dims, self.L = cfg["n_dims"], seq_len(cfg["V"], cfg["C"])
+        E, n_layer = cfg["n_embd"], cfg["n_layer"]
+        assert masks.shape == (n_layer, self.L, self.L) and masks.dtype == torch.bool
+
+        # read_in / read_out keep PyTorch's default init (they sat outside GPT2Model).
+        self.read_in = nn.Linear(self.n_dims, E)
+        self.blocks = nn.ModuleList(GPT2Block(self.config, layer_idx=i) for i in range(n_layer))
+        self.ln_f = nn.LayerNorm(E, eps=self.config.layer_norm_epsilon)
+        self.read_out = nn.Linear(E, 1)
+        # (n_layer, L, L) bool, True = may attend; not saved in state_dict.
+        self.register_buffer("masks", masks, persistent=False)
+
+    def init_gpt2_weights(self, *extra: nn.Module | nn.Parameter) -> None:
+        """GPT-2's default init (GPT2PreTrainedModel._init_weights) for blocks, ln_f and extras.
+
+        Conv1D/Linear weights and embeddings N(0, 0.02), biases 0, LayerNorm 1/0, then every
+        ``c_proj.weight`` (attention and MLP) N(0, 0.02 / sqrt(2 * n_layer)).
+        """
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for m in [*self.blocks.modules(), self.ln_f]:
+                if isinstance(m, Conv1D):
+                    nn.init.normal_(m.weight, std=std)
+                    nn.init.zeros_(m.bias)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+            proj_std = std / math.sqrt(2 * self.config.n_layer)
+            for m in self.blocks.modules():
+                if isinstance(m, (GPT2Attention, GPT2MLP)):
+                    nn.init.normal_(m.c_proj.weight, std=proj_std)
+            for e in extra:
+                nn.init.normal_(e.weight if isinstance(e, nn.Embedding) else e, std=std)
+
+    def position_embedding(self) -> torch.Tensor:
+        """(L, n_embd) position vectors added to read_in(x)."""
+        raise NotImplementedError
+
+    def layer_masks(self) -> list[torch.Tensor]:
+        """Per layer, the (L, L) bool attention mask actually used (True = may attend)."""
+        return list(self.masks.unbind(0))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, n_dims) -> final hidden states after ln_f, (B, L, n_embd)."""
+        if x.dim() != 3 or x.shape[1:] != (self.L, self.n_dims):
+            raise ValueError(
+                f"expected x of shape (B, {self.L}, {self.n_dims}), got {tuple(x.shape)}"
+            )
+        h = self.read_in(x) + self.position_embedding()  # (B, L, E)
+        for block, mask in zip(self.blocks, self.masks, strict=True):
+            h = block(h, attention_mask=mask[None, None])  # mask (1, 1, L, L) broadcasts
+        return self.ln_f(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, n_dims) -> (B,) logit at the last position."""
+        return self.read_out(self.encode(x)[:, -1]).squeeze(-1)
