@@ -1,0 +1,155 @@
+"""The trainer: exact resume after a stop or a SIGKILL, corrupt-state fallback, folder lock."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import ConfigError, resolve
+from trainer.train import FolderBusy, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def smoke(family="lowrank_gpt2", V=5, steps=23, **more):
+    sets = [f"training.train_steps={steps}", *(f"{k}={v}" for k, v in more.items())]
+    return resolve(family, V, 256, 1, "smoke", sets)
+
+
+def final_weights(out: Path) -> dict:
+    newest = ckpt.list_states(out)[0]
+    return torch.load(newest, weights_only=True)["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    assert (a / ckpt.METRICS_FILE).read_text() == (b / ckpt.METRICS_FILE).read_text()
+    assert json.loads((a / ckpt.EVAL_FILE).read_text()) == json.loads(
+        (b / ckpt.EVAL_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run per family, to compare resumed runs against."""
+    out = {}
+    for family in ("gpt2", "lowrank_gpt2"):
+        path = tmp_path_factory.mktemp(family)
+        result = run(smoke(family), path)
+        assert result.outcome == "completed" and result.step == 23
+        out[family] = path
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "lowrank_gpt2"])
+def test_stop_at_an_awkward_step_then_resume_is_bit_exact(family, reference, tmp_path):
+    stop = threading.Event()
+    seen = []
+
+    def on_progress(p):
+        seen.append(p.step)
+        if p.step == 7:  # between two saves (every 5)
+            stop.set()
+
+    first = run(smoke(family), tmp_path, on_progress=on_progress, stop=stop)
+    assert first.outcome == "stopped" and first.step == 7
+    assert seen[-1] == 7
+    second = run(smoke(family), tmp_path)
+    assert second.outcome == "completed"
+    assert "resuming at step 7/23" in (tmp_path / ckpt.LOG_FILE).read_text()
+    assert_same_run(reference[family], tmp_path)
+
+
+def test_sigkill_mid_run_then_resume_is_bit_exact(reference, tmp_path):
+    cmd = [sys.executable, "-m", "trainer", "--family", "lowrank_gpt2", "--V", "5", "--N", "256",
+           "--profile", "smoke", "--set", "training.train_steps=23", "--out", str(tmp_path)]
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / ckpt.STATE_DIR / "state-0000011.json").exists():
+        assert child.poll() is None, child.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not (tmp_path / ckpt.EVAL_FILE).exists(), "killed too late to test anything"
+    result = run(smoke(), tmp_path)
+    assert result.outcome == "completed"
+    assert_same_run(reference["lowrank_gpt2"], tmp_path)
+
+
+def test_corrupt_latest_state_falls_back_to_the_previous_one(reference, tmp_path):
+    stop = threading.Event()
+    run(smoke(), tmp_path, stop=stop,
+        on_progress=lambda p: stop.set() if p.step == 16 else None)
+    newest = ckpt.list_states(tmp_path)[0]
+    assert newest.name == "state-0000016.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # truncated, as by a dying disk
+    result = run(smoke(), tmp_path)
+    assert result.outcome == "completed"
+    log = (tmp_path / ckpt.LOG_FILE).read_text()
+    assert "ignoring state/state-0000016.pt" in log
+    assert "resuming at step 11/23" in log
+    assert_same_run(reference["lowrank_gpt2"], tmp_path)
+
+
+def test_state_without_manifest_is_ignored(tmp_path):
+    stop = threading.Event()
+    run(smoke(), tmp_path, stop=stop, on_progress=lambda p: stop.set() if p.step == 3 else None)
+    for manifest in (tmp_path / ckpt.STATE_DIR).glob("*.json"):
+        manifest.unlink()
+    run(smoke(steps=4), tmp_path)
+    assert "starting lowrank_gpt2" in (tmp_path / ckpt.LOG_FILE).read_text().splitlines()[-2]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    run(smoke(steps=3), tmp_path)
+    with pytest.raises(ConfigError, match="model.n_embd"):
+        run(smoke(steps=3, **{"model.n_embd": 16}), tmp_path)
+    # Extending a finished run is allowed: it continues from its last state.
+    assert run(smoke(steps=5), tmp_path).step == 5
+
+
+def test_folder_is_locked_against_a_second_trainer(tmp_path):
+    import filelock
+
+    with filelock.FileLock(str(tmp_path / ckpt.LOCK_FILE)):
+        with pytest.raises(FolderBusy):
+            run(smoke(steps=2), tmp_path)
+
+
+def test_runs_in_one_process_do_not_leak_state(tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = run(smoke(steps=4), tmp_path / "a")
+    b = run(smoke(steps=4), tmp_path / "b")
+    assert a.metrics == b.metrics
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_no_temp_files_are_left_behind(tmp_path):
+    run(smoke(steps=6), tmp_path)
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {family: transformer}\n")
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--config", str(bad), "--out",
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 2
+    assert "bad.yaml" in proc.stderr and "missing key" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,167 @@
+"""A job folder's files: rolling training state, kept snapshots, metrics log.
+
+Layout of a job folder (names are constants so tools can rely on them):
+
+    config.yaml               the resolved config
+    state/state-0000100.pt    rolling training state (model, optimiser, RNGs, step)
+    state/state-0000100.json  its manifest: step, size, sha256 (written after the .pt)
+    snapshots/model-0000100.pt  kept model weights
+    metrics.jsonl             one JSON record per line (train steps and evaluations)
+    eval.json                 the final evaluation
+    train.log                 the job's own log, across attempts
+
+A state counts only when its manifest exists and the bytes match its sha256,
+so a torn, truncated or corrupted file is skipped and the next older one used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from trainer.atomic import write_bytes_atomic, write_json_atomic
+
+CONFIG_FILE = "config.yaml"
+STATE_DIR = "state"
+SNAPSHOT_DIR = "snapshots"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+LOG_FILE = "train.log"
+LOCK_FILE = ".lock"
+KEEP_STATES = 2  # the newest two, so a bad newest one still leaves a fallback
+
+_STATE_RE = re.compile(r"^state-(\d{7,})\.pt$")
+REQUIRED_STATE_KEYS = {"model", "optimizer", "step", "rng", "config"}
+
+
+def _state_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / STATE_DIR / f"state-{step:07d}.pt"
+
+
+def save_state(out_dir: Path, state: dict) -> Path:
+    """Write the training state for `state['step']` atomically; prune old ones."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    data = buf.getvalue()
+    path = _state_path(out_dir, state["step"])
+    write_bytes_atomic(path, data)
+    # The manifest goes last: its presence marks the state complete.
+    write_json_atomic(path.with_suffix(".json"), {
+        "step": state["step"],
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "saved_at": time.time(),
+    })
+    for old in list_states(out_dir)[KEEP_STATES:]:
+        for p in (old, old.with_suffix(".json")):
+            p.unlink(missing_ok=True)
+    return path
+
+
+def list_states(out_dir: Path) -> list[Path]:
+    """State files, newest step first (valid or not)."""
+    folder = Path(out_dir) / STATE_DIR
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STATE_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _read_state(path: Path) -> dict:
+    manifest_path = path.with_suffix(".json")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise ValueError("no manifest (write did not finish)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("manifest is not valid JSON") from None
+    data = path.read_bytes()
+    if len(data) != manifest.get("bytes") or hashlib.sha256(data).hexdigest() != manifest.get(
+        "sha256"
+    ):
+        raise ValueError(f"size or checksum mismatch ({len(data)} bytes)")
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not REQUIRED_STATE_KEYS <= state.keys():
+        raise ValueError("not a training state")
+    if state["step"] != manifest["step"]:
+        raise ValueError("step does not match its manifest")
+    return state
+
+
+def load_latest_state(out_dir: Path, log: Callable[[str], None]) -> dict | None:
+    """The newest valid training state, or None; invalid ones are logged and skipped."""
+    for path in list_states(out_dir):
+        try:
+            return _read_state(path)
+        except Exception as e:  # any unreadable state is skipped, never trusted
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            log(f"ignoring {path.parent.name}/{path.name}: {reason}; falling back")
+    return None
+
+
+def save_snapshot(out_dir: Path, step: int, model_state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(model_state, buf)
+    write_bytes_atomic(Path(out_dir) / SNAPSHOT_DIR / f"model-{step:07d}.pt", buf.getvalue())
+
+
+# --- metrics log -------------------------------------------------------------
+
+
+def append_metrics(out_dir: Path, record: dict) -> None:
+    with open(Path(out_dir) / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a metrics log; a torn last line (killed mid-write) is dropped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def truncate_metrics(out_dir: Path, upto_step: int) -> None:
+    """Keep only records of steps < upto_step: those after it will be recomputed."""
+    path = Path(out_dir) / METRICS_FILE
+    kept = [r for r in read_metrics(path) if r["step"] < upto_step]
+    write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+
+
+# --- RNG states ----------------------------------------------------------------
+
+
+def capture_rng(device: torch.device, batch_generator: torch.Generator) -> dict:
+    """Every RNG in play, at a step boundary."""
+    rng = {
+        "python": list(random.getstate()[1]),
+        "torch_cpu": torch.get_rng_state(),
+        "batches": batch_generator.get_state(),
+    }
+    if device.type == "cuda":
+        rng["torch_cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict, device: torch.device, batch_generator: torch.Generator) -> None:
+    version, _, gauss = random.getstate()
+    random.setstate((version, tuple(rng["python"]), gauss))
+    torch.set_rng_state(rng["torch_cpu"])
+    batch_generator.set_state(rng["batches"])
+    if device.type == "cuda" and "torch_cuda" in rng:
+        torch.cuda.set_rng_state(rng["torch_cuda"], device)

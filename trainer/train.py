@@ -1,0 +1,230 @@
+"""Train one job of the study, in-process, resumable to the bit.
+
+Reads top to bottom: lock the folder -> config -> data -> model/optimiser ->
+resume or start -> one loop (batch -> forward/backward -> step -> log ->
+evaluate/checkpoint every N) -> final evaluation.
+
+`run()` may be called many times in one process (a worker runs job after job):
+it touches no global state beyond seeding torch's RNG inside a forked scope and
+restores the deterministic-algorithms switch it sets.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import filelock
+import torch
+import torch.nn.functional as F
+import transformers
+
+from models import build_model
+from trainer import checkpoint as ckpt
+from trainer.atomic import write_json_atomic, write_yaml_atomic
+from trainer.config import ConfigError, resume_conflicts, validate
+from trainer.data import build_eval_set, build_pool, derive_seed, embed, sample_indices, token_table
+
+EVAL_BATCH = 256  # evaluation batch size: memory only, never changes results
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss became NaN)."""
+
+
+class FolderBusy(RuntimeError):
+    """Another process is training into the same job folder."""
+
+
+@dataclass
+class Progress:
+    step: int            # steps completed
+    total_steps: int
+    loss: float
+    train_accuracy: float
+
+
+@dataclass
+class RunResult:
+    outcome: str         # "completed" or "stopped"
+    step: int            # steps completed
+    metrics: dict = field(default_factory=dict)   # final evaluation when completed
+
+
+class JobLog:
+    """Timestamped lines into the job's own log file, echoed to `echo`."""
+
+    def __init__(self, path: Path, echo: Callable[[str], None] | None):
+        self.path, self.echo = path, echo
+
+    def __call__(self, message: str) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.path, "a") as f:
+            f.write(f"{stamp} {message}\n")
+        if self.echo:
+            self.echo(message)
+
+
+def run(
+    config: dict,
+    out_dir: str | Path,
+    device: str = "cpu",
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train the job `config` into `out_dir`; resume from its newest valid state.
+
+    Returns "completed" with the final metrics, or "stopped" soon after `stop`
+    is set, with the state saved at the step boundary it stopped on.
+    """
+    config = validate(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(out / ckpt.LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise FolderBusy(f"{out} is in use by another process") from None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            torch.use_deterministic_algorithms(True)  # bit-exact resume on CPU
+        return _train(config, out, dev, on_progress, stop or threading.Event(), JobLog(
+            out / ckpt.LOG_FILE, echo))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        lock.release()
+
+
+def _train(config, out, device, on_progress, stop, log) -> RunResult:
+    m, t, e = config["model"], config["training"], config["evaluation"]
+    V, C, rho = m["V"], m["C"], t["task_kwargs"]["rho"]
+    run_seed = config["seeds"]["run"]
+    total = t["train_steps"]
+
+    # Data: the pool and eval set as token ids on the device, one shared
+    # token-vector table, and a generator of batch indices (saved in the state).
+    pool_ids, pool_y = build_pool(V, C, rho, config["seeds"]["pool"], t["num_training_examples"])
+    eval_ids, eval_y = build_eval_set(V, C, rho, derive_seed("eval", run_seed), e["eval_examples"])
+    tokens = token_table(V, C, m["n_dims"], derive_seed("tokens", run_seed)).to(device)
+    pool_ids, pool_y = pool_ids.to(device), pool_y.to(device)
+    eval_ids, eval_y = eval_ids.to(device), eval_y.to(device)
+    batches = torch.Generator().manual_seed(derive_seed("batches", run_seed))
+
+    with torch.random.fork_rng(devices=[]):  # seeding must not leak into the caller
+        torch.manual_seed(derive_seed("init", run_seed))
+        model = build_model(m)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=t["learning_rate"])
+
+    start = 0
+    state = ckpt.load_latest_state(out, log)
+    if state is not None:
+        conflicts = resume_conflicts(state["config"], config)
+        if conflicts:
+            raise ConfigError(
+                f"{out}: saved state was trained with a different config "
+                f"({', '.join(conflicts)}); use a new folder"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ckpt.restore_rng(state["rng"], device, batches)
+        start = state["step"]
+        log(f"resuming at step {start}/{total} from state-{start:07d}")
+    else:
+        log(f"starting {m['family']} V={V} N={t['num_training_examples']} on {device}")
+    ckpt.truncate_metrics(out, start)  # records past the state are recomputed
+    write_yaml_atomic(out / ckpt.CONFIG_FILE, config)
+
+    def save(step: int) -> None:
+        ckpt.save_state(out, {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": ckpt.capture_rng(device, batches),
+            "config": config,
+            "versions": {"torch": str(torch.__version__),
+                         "transformers": str(transformers.__version__)},
+            "device": _device_name(device),
+        })
+
+    model.train()
+    started, done = time.monotonic(), start
+    for i in range(start, total):
+        idx = sample_indices(t["num_training_examples"], t["batch_size"], batches).to(device)
+        x, y = embed(pool_ids[idx], tokens), pool_y[idx]  # (B, L, n_dims), (B,)
+        logits = model(x)                                   # (B,) last position
+        loss = F.binary_cross_entropy_with_logits(logits, (y + 1).float() / 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingError(f"loss became {loss_value} at step {i}")
+        train_acc = ((logits.detach() > 0) == (y > 0)).float().mean().item()
+        done = i + 1
+        record = {"step": i, "loss": loss_value, "train_accuracy": train_acc}
+        if i % e["eval_every"] == 0 or done == total:
+            record.update({f"test_{k}": v for k, v in evaluate(model, eval_ids, eval_y, tokens)
+                           .items()})
+        ckpt.append_metrics(out, record)
+        if on_progress:
+            on_progress(Progress(done, total, loss_value, train_acc))
+
+        # Same cadence as the reference: state every save_every steps (step 0
+        # included), snapshot every keep_every steps after 0; plus the last step.
+        if i % t["keep_every_steps"] == 0 and i > 0:
+            ckpt.save_snapshot(out, i, model.state_dict())
+        if i % t["save_every_steps"] == 0 or done == total:
+            save(done)
+        if stop.is_set() and done < total:
+            if i % t["save_every_steps"] != 0:
+                save(done)
+            log(f"stopped on request at step {done}/{total}; state saved")
+            return RunResult("stopped", done)
+
+    metrics = evaluate(model, eval_ids, eval_y, tokens)
+    metrics.update({"step": total, "eval_examples": int(eval_y.numel())})
+    write_json_atomic(out / ckpt.EVAL_FILE, metrics)
+    elapsed = time.monotonic() - started
+    log(f"finished: test accuracy {metrics['accuracy']:.4f}, balanced "
+        f"{metrics['balanced_accuracy']:.4f}, majority rate {metrics['majority_rate']:.4f} "
+        f"({done - start} steps in {elapsed:.1f}s)")
+    return RunResult("completed", total, metrics)
+
+
+@torch.no_grad()
+def evaluate(model, ids: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Accuracy, balanced accuracy, majority-class rate and loss on a fixed set."""
+    was_training = model.training
+    model.eval()
+    logits = torch.cat([model(embed(ids[s:s + EVAL_BATCH], tokens))
+                        for s in range(0, ids.shape[0], EVAL_BATCH)])
+    model.train(was_training)
+    target = (y > 0)
+    pred = logits > 0
+    pos, neg = target.sum().item(), (~target).sum().item()
+    recall_pos = (pred & target).sum().item() / pos if pos else None
+    recall_neg = (~pred & ~target).sum().item() / neg if neg else None
+    recalls = [r for r in (recall_pos, recall_neg) if r is not None]
+    return {
+        "accuracy": (pred == target).float().mean().item(),
+        "balanced_accuracy": sum(recalls) / len(recalls),
+        "majority_rate": max(pos, neg) / (pos + neg),
+        "positive_rate": pos / (pos + neg),
+        "loss": F.binary_cross_entropy_with_logits(logits, target.float()).item(),
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
