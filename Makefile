@@ -65,7 +65,7 @@ DEMO_DB := sqlite:///runs/demo/queue.sqlite
 demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status
 	rm -rf runs/demo
 	$(RUNNER) --db $(DEMO_DB) plan --profile smoke --out-root runs/demo
-	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu > runs/demo-worker-1.log 2>&1 & \
-	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu > runs/demo-worker-2.log 2>&1 & \
+	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu --threads 1 > runs/demo-worker-1.log 2>&1 & \
+	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu --threads 1 > runs/demo-worker-2.log 2>&1 & \
 	wait
 	$(RUNNER) --db $(DEMO_DB) status

@@ -77,18 +77,22 @@ def run(
     on_progress: Callable[[Progress], None] | None = None,
     stop: threading.Event | None = None,
     echo: Callable[[str], None] | None = None,
+    lock_timeout: float = 0,
+    header: str | None = None,
 ) -> RunResult:
     """Train the job `config` into `out_dir`; resume from its newest valid state.
 
     Returns "completed" with the final metrics, or "stopped" soon after `stop`
     is set, with the state saved at the step boundary it stopped on.
+    `lock_timeout` is how long to wait for another process to leave the
+    folder; `header` is written to the job's log first (e.g. the attempt).
     """
     config = validate(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = filelock.FileLock(str(out / ckpt.LOCK_FILE))
     try:
-        lock.acquire(timeout=0)
+        lock.acquire(timeout=lock_timeout)
     except filelock.Timeout:
         raise FolderBusy(f"{out} is in use by another process") from None
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -96,8 +100,10 @@ def run(
         dev = torch.device(device)
         if dev.type == "cpu":
             torch.use_deterministic_algorithms(True)  # bit-exact resume on CPU
-        return _train(config, out, dev, on_progress, stop or threading.Event(), JobLog(
-            out / ckpt.LOG_FILE, echo))
+        log = JobLog(out / ckpt.LOG_FILE, echo)
+        if header:
+            log(f"=== {header} ===")
+        return _train(config, out, dev, on_progress, stop or threading.Event(), log)
     finally:
         torch.use_deterministic_algorithms(deterministic)
         lock.release()

@@ -1,0 +1,177 @@
+"""Engine set-up per backend, schema creation, and the database clock.
+
+SQLite is configured for many worker processes on one host: WAL (set once,
+when the file is created), a long busy timeout, synchronous=FULL (a finished
+result is expensive), and every write transaction opened with BEGIN IMMEDIATE
+so it takes the write lock up front instead of failing on lock upgrade.
+PostgreSQL is used as is; claims there skip locked rows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, exc, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.types import Float
+
+from db.models import SCHEMA_VERSION, Base, Meta
+
+BUSY_TIMEOUT_MS = 60_000
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre",
+                       "gpfs", "ceph", "glusterfs", "fuse.glusterfs"}
+
+
+class DatabaseError(Exception):
+    """The queue's database cannot be used; the message says why (password masked)."""
+
+
+class NoQueue(DatabaseError):
+    """The SQLite queue file does not exist (nothing planned yet)."""
+
+
+class db_now(FunctionElement):
+    """Seconds since the epoch on the database server's clock (not the worker's)."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(db_now, "sqlite")
+def _now_sqlite(element, compiler, **kw):
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+@compiles(db_now, "postgresql")
+def _now_postgresql(element, compiler, **kw):
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe to print."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+
+
+def _filesystem_type(path: Path) -> str | None:
+    """The mount type holding `path` (Linux /proc/mounts), or None if unknown."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    path = path.resolve()
+    best, kind = "", None
+    for line in mounts:
+        parts = line.split()
+        if len(parts) >= 3:
+            mount = parts[1].replace("\\040", " ")
+            if (str(path) == mount or str(path).startswith(mount.rstrip("/") + "/")) and len(
+                mount
+            ) > len(best):
+                best, kind = mount, parts[2]
+    return kind
+
+
+def connect(url: str, create: bool = False) -> Engine:
+    """An engine for `url` with the schema in place.
+
+    `create=False` refuses a SQLite file that does not exist yet, so a typo in
+    a path gives an error instead of an empty queue.
+    """
+    try:
+        parsed = make_url(url)
+    except exc.ArgumentError:
+        raise DatabaseError(f"invalid database URL '{mask_url(url)}'") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        engine = _sqlite_engine(url, parsed.database, create)
+    elif backend == "postgresql":
+        try:
+            engine = create_engine(url, pool_pre_ping=True)
+        except Exception as e:  # driver missing, bad options
+            raise DatabaseError(f"cannot use '{mask_url(url)}': {e}") from None
+    else:
+        raise DatabaseError(
+            f"unsupported database '{mask_url(url)}': use sqlite:///PATH or postgresql+psycopg://"
+        )
+    try:
+        _ensure_schema(engine, create)
+    except exc.DBAPIError as e:
+        engine.dispose()
+        reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+        raise DatabaseError(f"cannot reach database '{mask_url(url)}': {reason}") from None
+    return engine
+
+
+def _sqlite_engine(url: str, database: str | None, create: bool) -> Engine:
+    if not database or database == ":memory:":
+        raise DatabaseError("a SQLite queue needs a file: sqlite:///runs/queue.sqlite")
+    path = Path(database)
+    if not path.exists():
+        if not create:
+            raise NoQueue(f"no queue at {path}: run `make plan` (or `plan --db ...`) first")
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+    fs = _filesystem_type(path.parent)
+    if fs in NETWORK_FILESYSTEMS:
+        raise DatabaseError(
+            f"{path} is on a network filesystem ({fs}); SQLite locking is unsafe there: "
+            "keep it on local disk, or use PostgreSQL for several hosts"
+        )
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, record):
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see below)
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA synchronous = FULL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # Writers take the lock up front: no SQLITE_BUSY on read->write upgrade.
+        mode = "DEFERRED" if conn.get_execution_options().get("readonly") else "IMMEDIATE"
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _ensure_schema(engine: Engine, create: bool) -> None:
+    """Create the tables if missing; safe when several processes race to do it."""
+    if engine.dialect.name == "sqlite":
+        # Switch to WAL once, outside any transaction (raw connection: no
+        # BEGIN is issued); the mode sticks to the file.
+        raw = engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                cur.execute("PRAGMA journal_mode = WAL")
+            cur.close()
+        finally:
+            raw.close()
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # One creator at a time; the others find the tables made.
+            conn.execute(text("SELECT pg_advisory_xact_lock(7265431)"))
+        Base.metadata.create_all(conn, checkfirst=True)
+        version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+        if version is None:
+            conn.execute(Meta.__table__.insert().values(key="schema_version",
+                                                        value=str(SCHEMA_VERSION)))
+        elif int(version) > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"database schema version {version} is newer than this program's "
+                f"({SCHEMA_VERSION}): upgrade the program"
+            )
+
+
+def default_url() -> str:
+    return os.environ.get("RUNNER_DB") or "sqlite:///runs/queue.sqlite"

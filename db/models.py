@@ -1,0 +1,76 @@
+"""Tables: `jobs` (one row per run; plain-sqlite3 friendly) and `events` (append-only audit)."""
+
+from __future__ import annotations
+
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+STATES = ("pending", "running", "succeeded", "failed")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Key/value facts about the database itself, e.g. schema_version."""
+
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    # Sweep coordinates.
+    v: Mapped[int] = mapped_column(Integer)
+    n: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(64))
+    run: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)      # the guide's order
+    cost: Mapped[float] = mapped_column(Float)          # relative compute estimate
+    config: Mapped[str] = mapped_column(Text)           # resolved config, JSON
+    out_dir: Mapped[str] = mapped_column(Text)
+    # Progress and ownership.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_seconds: Mapped[float | None] = mapped_column(Float)
+    # Times are seconds since the epoch on the database's clock.
+    created_at: Mapped[float | None] = mapped_column(Float)
+    claimed_at: Mapped[float | None] = mapped_column(Float)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
+    progress_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    # Outcome.
+    test_accuracy: Mapped[float | None] = mapped_column(Float)
+    balanced_accuracy: Mapped[float | None] = mapped_column(Float)
+    majority_rate: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    traceback: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_jobs_state_position", "state", "position"),)
+
+
+class Event(Base):
+    """What happened to a job, by whom, under which lease; never updated."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(16))   # plan claim heartbeat release finish fail
+    worker: Mapped[str | None] = mapped_column(String(200))   # expire requeue
+    token: Mapped[str | None] = mapped_column(String(64))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,123 @@
+"""Expand a sweep file into fully resolved job rows for the queue."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+from trainer.config import FAMILIES, ConfigError, load_yaml, resolve
+from trainer.data import seq_len
+
+AXES = ("V", "N", "model", "run")  # nesting order = the guide's claim order
+SWEEP_KEYS = {"study", "profile", "max_attempts", "grid", "models"}
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class SweepError(ValueError):
+    """A bad sweep file or filter; the message names the file and key."""
+
+
+def load_sweep(path: Path) -> dict:
+    try:
+        sweep = load_yaml(path)
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
+    where = str(path)
+    unknown = set(sweep) - SWEEP_KEYS
+    if unknown:
+        raise SweepError(f"{where}: unknown key '{sorted(unknown)[0]}'")
+    for key in ("study", "grid", "models"):
+        if key not in sweep:
+            raise SweepError(f"{where}: missing key '{key}'")
+    if not isinstance(sweep["study"], str) or not SAFE_NAME.match(sweep["study"]):
+        raise SweepError(f"{where}: 'study' must be a plain name, got {sweep['study']!r}")
+    attempts = sweep.setdefault("max_attempts", 3)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise SweepError(f"{where}: 'max_attempts' must be an integer >= 1, got {attempts!r}")
+    grid = sweep["grid"]
+    if not isinstance(grid, dict) or set(grid) != set(AXES):
+        raise SweepError(f"{where}: 'grid' must have exactly the keys {', '.join(AXES)}")
+    for axis in AXES:
+        values = grid[axis]
+        if not isinstance(values, list) or not values or len(set(map(str, values))) != len(values):
+            raise SweepError(f"{where}: 'grid.{axis}' must be a non-empty list without repeats")
+        kind = str if axis == "model" else int
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise SweepError(f"{where}: 'grid.{axis}' has a bad value {value!r}")
+            if kind is int and value < 1:
+                raise SweepError(f"{where}: 'grid.{axis}' values must be >= 1, got {value}")
+            if axis == "model" and value not in FAMILIES:
+                raise SweepError(f"{where}: 'grid.model' has unknown model family '{value}' "
+                                 f"(known: {', '.join(FAMILIES)})")
+    models = sweep["models"]
+    if not isinstance(models, dict):
+        raise SweepError(f"{where}: 'models' must be a mapping")
+    for family in grid["model"]:
+        entry = models.get(family)
+        if not isinstance(entry, dict) or set(entry) != {"tag", "folder"}:
+            raise SweepError(f"{where}: 'models.{family}' must have exactly 'tag' and 'folder'")
+        for key in ("tag", "folder"):
+            if not isinstance(entry[key], str) or not SAFE_NAME.match(entry[key]):
+                raise SweepError(f"{where}: 'models.{family}.{key}' must be a plain name "
+                                 f"(letters, digits, _ . -), got {entry[key]!r}")
+    return sweep
+
+
+def parse_only(items: tuple[str, ...] | list[str], sweep: dict) -> dict[str, set]:
+    """--only KEY=VALUE filters: values of one key OR-ed, keys AND-ed."""
+    chosen: dict[str, set] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in AXES:
+            raise SweepError(
+                f"--only '{item}': expected KEY=VALUE with KEY one of {', '.join(AXES)}")
+        allowed = sweep["grid"][key]
+        value: object = raw
+        if key != "model":
+            try:
+                value = int(raw)
+            except ValueError:
+                raise SweepError(f"--only '{item}': {key} must be an integer") from None
+        if value not in allowed:
+            shown = ", ".join(map(str, allowed))
+            raise SweepError(f"--only '{item}': {raw} is not in the sweep's {key} values ({shown})")
+        chosen.setdefault(key, set()).add(value)
+    return chosen
+
+
+def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[str],
+             out_root: str) -> list[dict]:
+    """Every selected job of the sweep, resolved, in the guide's order."""
+    rows = []
+    grid = sweep["grid"]
+    for position, (V, N, family, run) in enumerate(itertools.product(*(grid[a] for a in AXES))):
+        coords = {"V": V, "N": N, "model": family, "run": run}
+        if any(coords[k] not in values for k, values in only.items()):
+            continue
+        names = sweep["models"][family]
+        name = f"{sweep['study']}_{names['tag']}_V{V}_N{N}_run{run}"
+        config = resolve(family, V, N, run, profile, overrides)
+        t = config["training"]
+        rows.append({
+            "name": name, "v": V, "n": N, "model": family, "run": run, "position": position,
+            "cost": estimate_cost(config), "config": config,
+            "out_dir": str(Path(out_root) / names["folder"] / name),
+            "total_steps": t["train_steps"], "max_attempts": sweep["max_attempts"],
+        })
+    return rows
+
+
+def estimate_cost(config: dict) -> float:
+    """Relative compute of a job: steps x batch x sequence length x block weights."""
+    m, t = config["model"], config["training"]
+    return float(t["train_steps"] * t["batch_size"] * seq_len(m["V"], m["C"])
+                 * m["n_layer"] * 12 * m["n_embd"] ** 2)
+
+
+def check_out_root(out_root: str) -> None:
+    if not out_root or "\0" in out_root:
+        raise SweepError("--out-root must be a folder path")
+    if ".." in Path(out_root).parts:
+        raise SweepError(f"--out-root '{out_root}': '..' is not allowed")

@@ -1,0 +1,180 @@
+"""The worker loop: claim -> heartbeat -> train in-process -> finish / fail / release.
+
+One worker per GPU. SIGTERM or Ctrl-C asks the trainer to checkpoint and
+stop; the job goes back to pending and the worker exits 0. A second Ctrl-C
+exits at once: the lease then expires and another worker resumes the job.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+
+from db import Claim, DatabaseError, JobQueue, LeaseLost
+
+log = logging.getLogger("runner.worker")
+
+PROGRESS_INTERVAL = 1.0  # seconds between progress writes: status stays live, DB stays calm
+
+
+class BadDevice(ValueError):
+    """The requested GPU does not exist here."""
+
+
+def resolve_device(gpu: str) -> str:
+    """'cpu' or a CUDA index -> a torch device string; a missing GPU is an error."""
+    import torch
+
+    if gpu == "cpu":
+        return "cpu"
+    if not gpu.isdigit():
+        raise BadDevice(f"--gpu '{gpu}': expected a GPU index (0, 1, ...) or 'cpu'")
+    if not torch.cuda.is_available():
+        raise BadDevice(f"--gpu {gpu}: no CUDA GPU is available on this machine (use --gpu cpu)")
+    if int(gpu) >= torch.cuda.device_count():
+        raise BadDevice(f"--gpu {gpu}: only {torch.cuda.device_count()} GPU(s) here")
+    torch.cuda.set_device(int(gpu))
+    return f"cuda:{gpu}"
+
+
+class Heartbeat:
+    """Renews a claim's lease from a thread every `interval` seconds.
+
+    If the lease is found lost, sets `lost` and `stop_job` so the trainer
+    stops and this worker writes nothing more for the job.
+    """
+
+    def __init__(self, queue: JobQueue, claim: Claim, interval: float, stop_job: threading.Event):
+        self.queue, self.claim, self.interval, self.stop_job = queue, claim, interval, stop_job
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.interval):
+            try:
+                held = self.queue.heartbeat(self.claim)
+            except DatabaseError as e:  # transient: try again next beat
+                log.warning("%s: heartbeat failed: %s", self.claim.name, e)
+                continue
+            if not held:
+                log.error("%s: lease lost (taken over); stopping this attempt", self.claim.name)
+                self.lost.set()
+                self.stop_job.set()
+                return
+
+
+class Worker:
+    def __init__(self, queue: JobQueue, gpu: str, lease: float, order: str = "guide",
+                 threads: int | None = None):
+        self.queue, self.gpu, self.lease, self.order = queue, gpu, lease, order
+        self.device = resolve_device(gpu)
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.name = f"{socket.gethostname()}:{gpu}:{os.getpid()}"
+        self.stopping = threading.Event()
+        self.stop_job = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        def on_signal(signum, frame):
+            if self.stopping.is_set() and signum == signal.SIGINT:
+                os._exit(130)  # second Ctrl-C: now; the lease will expire
+            log.warning("%s: stopping after the current step (checkpoint, job back to pending)",
+                        signal.Signals(signum).name)
+            self.stopping.set()
+            self.stop_job.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+
+    def run(self, max_jobs: int | None = None, wait: bool = False, poll: float = 5.0) -> int:
+        """Work through the queue; returns how many jobs this worker ran."""
+        log.info("worker %s on %s, lease %gs", self.name, self.device, self.lease)
+        ran = 0
+        while not self.stopping.is_set() and (max_jobs is None or ran < max_jobs):
+            claim = self.queue.claim(self.name, self.lease, self.order)
+            if claim is None:
+                if not wait:
+                    log.info("nothing left to claim; %d job(s) run by this worker", ran)
+                    break
+                self.stopping.wait(poll)
+                continue
+            self.run_job(claim)
+            ran += 1
+        return ran
+
+    def run_job(self, claim: Claim) -> None:
+        from trainer.train import FolderBusy, run  # torch loads only in workers
+
+        self.stop_job.clear()
+        if self.stopping.is_set():
+            self.stop_job.set()
+        log.info("%s: claimed (attempt %d, from step %d)", claim.name, claim.attempt, claim.step)
+        last_write = 0.0
+
+        def on_progress(p) -> None:
+            nonlocal last_write
+            now = time.monotonic()
+            if now - last_write >= PROGRESS_INTERVAL or p.step == p.total_steps:
+                last_write = now
+                if not self.queue.progress(claim, p.step, p.loss):
+                    self.stop_job.set()
+
+        result = error = None
+        with Heartbeat(self.queue, claim, self.lease / 4, self.stop_job) as beat:
+            try:
+                result = run(
+                    claim.config, claim.out_dir, device=self.device, on_progress=on_progress,
+                    stop=self.stop_job, echo=lambda msg: log.info("%s: %s", claim.name, msg),
+                    lock_timeout=self.lease,
+                    header=f"attempt {claim.attempt} by worker {self.name} on {self.device}")
+            except FolderBusy as e:
+                error = e
+                log.warning("%s: %s; handing the job back", claim.name, e)
+            except Exception as e:  # this job failed; the worker goes on
+                error = e
+                log.error("%s: failed: %s: %s", claim.name, type(e).__name__, e)
+        try:
+            if beat.lost.is_set():
+                pass  # fenced out: another worker owns the job now
+            elif result is None and isinstance(error, FolderBusy):
+                self.queue.release(claim, claim.step)
+                self.stopping.wait(self.lease / 4)  # let the other holder finish
+            elif result is None:
+                self.queue.fail(claim, f"{type(error).__name__}: {error}",
+                                "".join(traceback.format_exception(error)))
+            elif result.outcome == "completed":
+                self.queue.finish(claim, result.metrics)
+                log.info("%s: succeeded, test accuracy %.4f", claim.name,
+                         result.metrics["accuracy"])
+            else:
+                self.queue.release(claim, result.step)
+                log.info("%s: back to pending at step %d", claim.name, result.step)
+        except LeaseLost as e:
+            log.error("%s", e)
+        finally:
+            result = error = None
+            self._free_memory()
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
