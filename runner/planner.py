@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from trainer.config import FAMILIES, ConfigError, load_yaml, resolve
-from trainer.data import seq_len
+from trainer.seeds import seq_len
 
 AXES = ("V", "N", "model", "run")  # nesting order = the guide's claim order
 SWEEP_KEYS = {"study", "profile", "max_attempts", "grid", "models"}

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from trainer.data import derive_seed, seq_len
+from trainer.seeds import derive_seed, seq_len
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FAMILIES = ("gpt2", "lowrank_gpt2")

@@ -15,23 +15,16 @@ example ``i`` depends only on ``(seed, i)``: pools are nested and eval is a disj
 
 from __future__ import annotations
 
-import hashlib
 from typing import NamedTuple
 
 import torch
 
+from trainer.seeds import derive_seed, seq_len
+
+__all__ = ["build_eval_set", "build_pool", "derive_seed", "embed", "generate", "sample_indices",
+           "seq_len", "token_table"]
+
 BLOCK = 64  # examples per independently seeded block in build_pool / build_eval_set
-
-
-def derive_seed(*parts) -> int:
-    """Stable seed in ``[0, 2**63)`` from any reprable parts, e.g. ``("pool", 3, 0)``."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def seq_len(V: int, C: int) -> int:
-    """Length of one token sequence: V groups of (table + C columns), sep, q1, q2."""
-    return V * (C + 1) + 3
 
 
 class _Draws(NamedTuple):

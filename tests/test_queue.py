@@ -1,0 +1,138 @@
+"""Queue operations, as a contract every backend must meet."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from db import LeaseLost
+from runner.planner import job_rows, load_sweep, parse_only
+from tests.audit import lease_violations
+
+SWEEP = Path(__file__).resolve().parent.parent / "conf" / "sweep.yaml"
+
+
+def rows(*only, overrides=(), out_root="runs"):
+    sweep = load_sweep(SWEEP)
+    return job_rows(sweep, "smoke", parse_only(only, sweep), list(overrides), out_root)
+
+
+def test_plan_is_idempotent_and_adds_only_new_jobs(queue):
+    first = queue.plan(rows("V=5"))
+    assert len(first.new) == 30 and not first.existing
+    again = queue.plan(rows())
+    assert len(again.new) == 30 and len(again.existing) == 30 and not again.changed
+    assert queue.counts()["pending"] == 60
+    changed = queue.plan(rows("V=5", "N=256", overrides=["training.train_steps=99"]))
+    assert len(changed.changed) == 6 and not changed.new
+    assert {j["total_steps"] for j in queue.jobs()} == {30}  # not overwritten
+
+
+def test_dry_run_writes_nothing(queue):
+    report = queue.plan(rows(), dry_run=True)
+    assert len(report.new) == 60
+    assert queue.counts()["pending"] == 0
+
+
+def test_claims_follow_the_guide_order_then_cost(queue):
+    queue.plan(rows("N=256", "N=4096"))
+    names = [queue.claim("w", 60).name for _ in range(3)]
+    assert names == ["table_connectivity_standard_V5_N256_run1",
+                     "table_connectivity_standard_V5_N256_run2",
+                     "table_connectivity_standard_V5_N256_run3"]
+    biggest = queue.claim("w", 60, order="cost")
+    assert "_V20_" in biggest.name
+
+
+def test_claim_is_exclusive_and_returns_the_config(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    claim = queue.claim("a", 60)
+    assert claim.config["model"]["family"] == "gpt2" and claim.attempt == 1
+    assert claim.out_dir == "runs/table_connectivity/table_connectivity_standard_V5_N256_run1"
+    assert queue.claim("b", 60) is None
+
+
+def test_finish_records_the_result(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    claim = queue.claim("a", 60)
+    assert queue.progress(claim, 12, 0.5)
+    queue.finish(claim, {"accuracy": 0.75, "balanced_accuracy": 0.6, "majority_rate": 0.7})
+    (job,) = queue.jobs()
+    assert (job["state"], job["step"], job["test_accuracy"]) == ("succeeded", 30, 0.75)
+    assert job["lease_token"] is None and job["worker"] == "a"
+
+
+def test_a_taken_over_lease_can_write_nothing(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    old = queue.claim("old", 1)
+    time.sleep(1.2)  # the old worker stays silent past its lease
+    new = queue.claim("new", 60)
+    assert new is not None and new.attempt == 2
+    assert not queue.heartbeat(old)
+    assert not queue.progress(old, 25, 0.1)
+    with pytest.raises(LeaseLost):
+        queue.finish(old, {"accuracy": 1.0})
+    with pytest.raises(LeaseLost):
+        queue.fail(old, "boom")
+    with pytest.raises(LeaseLost):
+        queue.release(old, 3)
+    queue.finish(new, {"accuracy": 0.5})
+    (job,) = queue.jobs()
+    assert job["test_accuracy"] == 0.5 and job["worker"] == "new"
+    kinds = [e["kind"] for e in queue.events()]
+    assert kinds == ["plan", "claim", "expire", "claim", "finish"]
+    assert lease_violations(queue.events()) == []
+
+
+def test_heartbeats_keep_a_lease(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    claim = queue.claim("a", 1)
+    for _ in range(4):
+        time.sleep(0.4)
+        assert queue.heartbeat(claim)
+    assert queue.claim("b", 60) is None
+
+
+def test_release_does_not_burn_an_attempt(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    for _ in range(5):
+        claim = queue.claim("a", 60)
+        queue.release(claim, 10)
+    (job,) = queue.jobs()
+    assert (job["state"], job["attempts"], job["step"]) == ("pending", 0, 10)
+
+
+def test_silent_deaths_use_up_attempts_then_fail(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    for attempt in (1, 2, 3):
+        assert queue.claim(f"w{attempt}", 0.2).attempt == attempt
+        time.sleep(0.3)
+    assert queue.claim("w4", 60) is None
+    (job,) = queue.jobs()
+    assert job["state"] == "failed" and "lease expired" in job["error"]
+
+
+def test_fail_then_requeue(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    claim = queue.claim("a", 60)
+    queue.fail(claim, "RuntimeError: boom", "Traceback ...")
+    (job, *_) = queue.jobs()
+    assert (job["state"], job["error"], job["traceback"]) == (
+        "failed", "RuntimeError: boom", "Traceback ...")
+    assert queue.requeue(failed=True) == [claim.name]
+    (job, *_) = queue.jobs()
+    assert (job["state"], job["attempts"], job["error"]) == ("pending", 0, None)
+
+
+def test_requeue_by_name_refuses_unknown_and_running_jobs(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    claim = queue.claim("a", 60)
+    with pytest.raises(ValueError, match="no job named nope"):
+        queue.requeue(["nope"])
+    with pytest.raises(ValueError, match="is running"):
+        queue.requeue([claim.name])
+    queue.finish(claim, {"accuracy": 0.5})
+    assert queue.requeue([claim.name]) == [claim.name]
+    assert queue.counts() == {"pending": 3, "running": 0, "succeeded": 0, "failed": 0}

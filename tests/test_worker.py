@@ -1,0 +1,155 @@
+"""Real worker processes on real SQLite files: concurrency, SIGKILL, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import JobQueue, connect
+from tests.audit import finishes_per_job, lease_violations
+from tests.conftest import PYTHON, ROOT, runner_env
+from trainer import checkpoint as ckpt
+from trainer.train import run as train
+
+pytestmark = pytest.mark.slow
+
+
+def runner(db_url, *args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT, env=runner_env(db_url),
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def start_worker(db_url, *args) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--threads", "1",
+                             *args], cwd=ROOT, env=runner_env(db_url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def plan(db_url, tmp_path, *args):
+    proc = runner(db_url, "plan", "--profile", "smoke", "--out-root", str(tmp_path / "runs"),
+                  *args)
+    assert proc.returncode == 0, proc.stderr
+    return JobQueue(connect(db_url))
+
+
+def wait_for(predicate, timeout=120, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def same_result_as_uninterrupted(job: dict, tmp_path: Path) -> None:
+    """The job's final weights and metrics equal a fault-free run of its config."""
+    clean = tmp_path / "clean"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers ran: CPU sums depend on the thread count
+    try:
+        train(job["config"], clean)
+    finally:
+        torch.set_num_threads(threads)
+    out = Path(job["out_dir"])
+    a = torch.load(ckpt.list_states(out)[0], weights_only=True)["model"]
+    b = torch.load(ckpt.list_states(clean)[0], weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / ckpt.EVAL_FILE).read_text()) == json.loads(
+        (clean / ckpt.EVAL_FILE).read_text())
+    assert (out / ckpt.METRICS_FILE).read_text() == (clean / ckpt.METRICS_FILE).read_text()
+
+
+def test_four_workers_run_the_smoke_sweep_each_job_once(db_url, tmp_path):
+    queue = plan(db_url, tmp_path)
+    workers = [start_worker(db_url) for _ in range(4)]
+    for w in workers:
+        _, err = w.communicate(timeout=900)
+        assert w.returncode == 0, err[-2000:]
+    assert queue.counts() == {"pending": 0, "running": 0, "succeeded": 60, "failed": 0}
+    events = queue.events()
+    assert set(finishes_per_job(events).values()) == {1}
+    assert len(finishes_per_job(events)) == 60
+    assert lease_violations(events) == []
+    workers_seen = {j["worker"].rsplit(":", 1)[1] for j in queue.jobs()}
+    assert len(workers_seen) > 1
+    for job in queue.jobs():
+        assert (Path(job["out_dir"]) / ckpt.EVAL_FILE).exists()
+
+
+def long_job(db_url, tmp_path):
+    return plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2",
+                "--only", "run=1", "--set", "training.train_steps=400",
+                "--set", "training.save_every_steps=20")
+
+
+def test_sigkilled_worker_job_is_taken_over_and_resumes(db_url, tmp_path):
+    queue = long_job(db_url, tmp_path)
+    victim = start_worker(db_url, "--lease", "2")
+    wait_for(lambda: queue.jobs()[0]["step"] >= 60, what="progress")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    (job,) = queue.jobs()
+    assert job["state"] == "running"
+    time.sleep(2.5)  # past the dead worker's lease: its job is claimable again
+    heir = start_worker(db_url, "--lease", "2")
+    _, err = heir.communicate(timeout=300)
+    assert heir.returncode == 0, err[-2000:]
+    (job,) = queue.jobs()
+    assert (job["state"], job["attempts"]) == ("succeeded", 2)
+    claims = [json.loads(e["detail"]) for e in queue.events() if e["kind"] == "claim"]
+    assert claims[1]["step"] >= 60
+    log = (Path(job["out_dir"]) / ckpt.LOG_FILE).read_text()
+    assert "=== attempt 2 by worker" in log and "resuming at step" in log
+    assert lease_violations(queue.events()) == []
+    same_result_as_uninterrupted(job, tmp_path)
+
+
+def test_sigterm_puts_the_job_back_and_exits_0(db_url, tmp_path):
+    queue = long_job(db_url, tmp_path)
+    worker = start_worker(db_url)
+    wait_for(lambda: queue.jobs()[0]["step"] >= 30, what="progress")
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err[-2000:]
+    (job,) = queue.jobs()
+    assert (job["state"], job["attempts"]) == ("pending", 0)
+    assert 30 <= job["step"] < 400
+    assert ckpt.list_states(Path(job["out_dir"]))[0].name == f"state-{job['step']:07d}.pt"
+    again = start_worker(db_url)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    (job,) = queue.jobs()
+    assert job["state"] == "succeeded"
+    same_result_as_uninterrupted(job, tmp_path)
+
+
+def test_a_failing_job_is_marked_failed_and_the_worker_goes_on(db_url, tmp_path):
+    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2")
+    first = queue.jobs()[0]
+    # A file where the job's folder should be: training cannot start.
+    Path(first["out_dir"]).parent.mkdir(parents=True)
+    Path(first["out_dir"]).write_text("not a folder")
+    worker = start_worker(db_url)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err[-2000:]
+    assert queue.counts() == {"pending": 0, "running": 0, "succeeded": 2, "failed": 1}
+    failed = [j for j in queue.jobs() if j["state"] == "failed"][0]
+    assert failed["name"] == first["name"]
+    assert "FileExistsError" in failed["error"] and "Traceback" in failed["traceback"]
+    status = runner(db_url, "status")
+    assert "failed:" in status.stdout and "FileExistsError" in status.stdout
+
+
+def test_status_json_matches_the_contract(db_url, tmp_path):
+    plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256")
+    out = json.loads(runner(db_url, "status", "--json").stdout)
+    assert out["counts"] == {"pending": 6, "running": 0, "succeeded": 0, "failed": 0}
+    job = out["jobs"][0]
+    for key in ("name", "state", "attempts", "step", "total_steps", "worker", "test_accuracy",
+                "error", "out_dir"):
+        assert key in job
+    assert job["name"] == "table_connectivity_standard_V5_N256_run1"
