@@ -60,5 +60,16 @@ def main(config_path, family, V, N, run_index, profile, overrides, out_dir, devi
     click.echo(json.dumps({"outcome": result.outcome, "step": result.step, **result.metrics}))
 
 
+def cli() -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    try:
+        main.main(standalone_mode=False)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
