@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, exc, select, text
+from sqlalchemy import Engine, create_engine, event, exc, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -22,6 +22,11 @@ from sqlalchemy.types import Float
 from db.models import SCHEMA_VERSION, Base, Meta
 
 BUSY_TIMEOUT_MS = 60_000
+
+# MIGRATIONS[k]: the SQL statements that take a schema from version k to k+1.
+# To change the schema: edit db/models.py, bump SCHEMA_VERSION, add the step here
+# (plain ALTER TABLE ... ADD COLUMN works on both backends).
+MIGRATIONS: dict[int, list[str]] = {}
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre",
                        "gpfs", "ceph", "glusterfs", "fuse.glusterfs"}
 
@@ -93,7 +98,8 @@ def connect(url: str, create: bool = False) -> Engine:
         engine = _sqlite_engine(url, parsed.database, create)
     elif backend == "postgresql":
         try:
-            engine = create_engine(url, pool_pre_ping=True)
+            engine = create_engine(url, pool_pre_ping=True,
+                                   connect_args={"connect_timeout": 10})
         except Exception as e:  # driver missing, bad options
             raise DatabaseError(f"cannot use '{mask_url(url)}': {e}") from None
     else:
@@ -101,7 +107,7 @@ def connect(url: str, create: bool = False) -> Engine:
             f"unsupported database '{mask_url(url)}': use sqlite:///PATH or postgresql+psycopg://"
         )
     try:
-        _ensure_schema(engine, create)
+        _ensure_schema(engine)
     except exc.DBAPIError as e:
         engine.dispose()
         reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
@@ -144,7 +150,7 @@ def _sqlite_engine(url: str, database: str | None, create: bool) -> Engine:
     return engine
 
 
-def _ensure_schema(engine: Engine, create: bool) -> None:
+def _ensure_schema(engine: Engine) -> None:
     """Create the tables if missing; safe when several processes race to do it."""
     if engine.dialect.name == "sqlite":
         # Switch to WAL once, outside any transaction (raw connection: no
@@ -163,14 +169,23 @@ def _ensure_schema(engine: Engine, create: bool) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(7265431)"))
         Base.metadata.create_all(conn, checkfirst=True)
         version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
-        if version is None:
+        if version is None:  # a new database: create_all made the current schema
             conn.execute(Meta.__table__.insert().values(key="schema_version",
                                                         value=str(SCHEMA_VERSION)))
-        elif int(version) > SCHEMA_VERSION:
+            return
+        version = int(version)
+        if version > SCHEMA_VERSION:
             raise DatabaseError(
                 f"database schema version {version} is newer than this program's "
                 f"({SCHEMA_VERSION}): upgrade the program"
             )
+        # Older databases are brought forward step by step, inside this same
+        # locked transaction, so rows are kept and no two processes migrate.
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[step]:
+                conn.execute(text(statement))
+        conn.execute(update(Meta).where(Meta.key == "schema_version")
+                     .values(value=str(SCHEMA_VERSION)))
 
 
 def default_url() -> str:

@@ -252,9 +252,10 @@ class JobQueue:
         """Every job as a dict (config parsed), in the guide's order, with the DB's `now`."""
         with self._read() as conn:
             now = conn.execute(select(db_now())).scalar_one()
-            rows = conn.execute(select(*Job.__table__.columns).order_by(Job.position)).mappings()
+            rows = conn.execute(
+                select(*Job.__table__.columns).order_by(Job.position)).mappings().all()
         out = []
-        for row in rows.all():
+        for row in rows:
             job = dict(row)
             job["config"] = json.loads(job["config"])
             job["heartbeat_age"] = (now - job["heartbeat_at"]) if job["heartbeat_at"] else None

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, select
 
+from db.models import Base
 from tests.conftest import PYTHON, ROOT, runner_env
 
 GOOD_SWEEP = (ROOT / "conf" / "sweep.yaml").read_text()
@@ -19,18 +20,21 @@ def cli(db_url, *args, cwd=ROOT):
 
 
 @pytest.fixture
-def planned(tmp_path):
-    url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
-    proc = cli(url, "plan", "--profile", "smoke", "--only", "V=5", "--out-root",
+def planned(db_url, tmp_path):
+    proc = cli(db_url, "plan", "--profile", "smoke", "--only", "V=5", "--out-root",
                str(tmp_path / "runs"))
     assert proc.returncode == 0, proc.stderr
-    return url, tmp_path / "queue.sqlite"
+    return db_url
 
 
-def digest(path: Path) -> str:
-    """The database's content (main file + WAL), to prove nothing was written."""
-    return "".join(hashlib.sha256(p.read_bytes()).hexdigest()
-                   for p in sorted(path.parent.glob(path.name + "*")))
+def digest(url: str) -> str:
+    """Every row of every table, to prove nothing was written."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        dump = [list(map(tuple, conn.execute(select(table).order_by(*table.primary_key))))
+                for table in Base.metadata.sorted_tables]
+    engine.dispose()
+    return hashlib.sha256(repr(dump).encode()).hexdigest()
 
 
 def sweep_file(tmp_path, text):
@@ -74,14 +78,13 @@ CASES = [
 @pytest.mark.parametrize("label, args, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(planned, tmp_path, label, args,
                                                              message):
-    url, path = planned
-    before = digest(path)
-    proc = cli(url, *args(tmp_path))
+    before = digest(planned)
+    proc = cli(planned, *args(tmp_path))
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert message in lines[0]
-    assert digest(path) == before
+    assert digest(planned) == before
 
 
 @pytest.mark.parametrize("url, message", [

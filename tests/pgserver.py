@@ -1,0 +1,84 @@
+"""A throwaway PostgreSQL cluster on a loopback port, for the tests and CI.
+
+    python tests/pgserver.py start DIR   # prints the server's URL
+    python tests/pgserver.py stop DIR
+
+Uses the installed server binaries (Debian: /usr/lib/postgresql/*/bin). As
+root, the cluster runs as the `postgres` user, since PostgreSQL refuses root.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+USER = "runner"
+
+
+def find_binary(name: str) -> str | None:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else shutil.which(name)
+
+
+def _as_server_user(cmd: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return cmd
+    return ["runuser", "-u", "postgres", "--", *cmd]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(folder: Path) -> str:
+    """Create and start a cluster in `folder`; return a SQLAlchemy URL to it."""
+    initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
+    if not initdb or not pg_ctl:
+        raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found")
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", _free_port()
+    def run(cmd: list[str]) -> None:
+        proc = subprocess.run(_as_server_user(cmd), capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+            raise RuntimeError(f"{Path(cmd[0]).name} failed: {' '.join(tail)}")
+
+    run([initdb, "-D", str(data), "-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8"])
+    # fsync off: a throwaway test server; max_connections for many worker processes.
+    options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+               "-c max_connections=200")
+    run([pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "server.log"), "-w", "start"])
+    (folder / "url").write_text(url_for(port))
+    return url_for(port)
+
+
+def url_for(port: int, database: str = "postgres") -> str:
+    return f"postgresql+psycopg://{USER}@127.0.0.1:{port}/{database}"
+
+
+def stop(folder: Path) -> None:
+    pg_ctl = find_binary("pg_ctl")
+    data = Path(folder).resolve() / "data"
+    if pg_ctl and data.exists():
+        subprocess.run(_as_server_user([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+
+
+if __name__ == "__main__":
+    verb, where = sys.argv[1], Path(sys.argv[2])
+    if verb == "start":
+        print(start(where))
+    elif verb == "stop":
+        stop(where)
+    else:
+        sys.exit(f"usage: {sys.argv[0]} start|stop DIR")
