@@ -163,6 +163,7 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
 
     model.train()
     started, done = time.monotonic(), start
+    last_eval: tuple[int, dict] = (-1, {})  # (steps done, metrics) of the newest evaluation
     for i in range(start, total):
         idx = sample_indices(t["num_training_examples"], t["batch_size"], batches).to(device)
         x, y = embed(pool_ids[idx], tokens), pool_y[idx]  # (B, L, n_dims), (B,)
@@ -179,8 +180,8 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
         done = i + 1
         record = {"step": i, "loss": loss_value, "train_accuracy": train_acc}
         if i % e["eval_every"] == 0 or done == total:
-            record.update({f"test_{k}": v for k, v in evaluate(model, eval_ids, eval_y, tokens)
-                           .items()})
+            last_eval = (done, evaluate(model, eval_ids, eval_y, tokens))
+            record.update({f"test_{k}": v for k, v in last_eval[1].items()})
         ckpt.append_metrics(out, record)
         if on_progress:
             on_progress(Progress(done, total, loss_value, train_acc))
@@ -197,8 +198,9 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
             log(f"stopped on request at step {done}/{total}; state saved")
             return RunResult("stopped", done)
 
-    metrics = evaluate(model, eval_ids, eval_y, tokens)
-    metrics.update({"step": total, "eval_examples": int(eval_y.numel())})
+    # The last step's evaluation is the final one; recompute only when no step ran.
+    metrics = last_eval[1] if last_eval[0] == total else evaluate(model, eval_ids, eval_y, tokens)
+    metrics = {**metrics, "step": total, "eval_examples": int(eval_y.numel())}
     write_json_atomic(out / ckpt.EVAL_FILE, metrics)
     elapsed = time.monotonic() - started
     log(f"finished: test accuracy {metrics['accuracy']:.4f}, balanced "
