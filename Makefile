@@ -46,11 +46,11 @@ status: $(STAMP) ## the status table
 requeue: $(STAMP) ## failed jobs back to pending
 	$(RUNNER) requeue --failed
 
-results: $(STAMP) ## aggregated accuracy table
+results: $(STAMP) ## accuracy table per (V, model, N): mean ± std over runs
 	$(RUNNER) results
 
-plot: $(STAMP) ## sample-complexity figure
-	$(RUNNER) plot
+plot: $(STAMP) ## sample-complexity figure (runs/sample_complexity.png) and training curves
+	$(RUNNER) plot --out runs/sample_complexity.png
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
@@ -62,10 +62,12 @@ test: $(STAMP) ## lint and the test suite (what CI runs)
 
 DEMO_DB := sqlite:///runs/demo/queue.sqlite
 
-demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status
+demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status, results, figure
 	rm -rf runs/demo
 	$(RUNNER) --db $(DEMO_DB) plan --profile smoke --out-root runs/demo
 	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu --threads 1 > runs/demo-worker-1.log 2>&1 & \
 	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu --threads 1 > runs/demo-worker-2.log 2>&1 & \
 	wait
 	$(RUNNER) --db $(DEMO_DB) status
+	$(RUNNER) --db $(DEMO_DB) results
+	$(RUNNER) --db $(DEMO_DB) plot --out runs/demo/sample_complexity.png

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -44,8 +45,11 @@ def cli(ctx: click.Context, db: str | None) -> None:
       python -m runner plan                      # the 60-run study
       python -m runner plan --profile smoke --only V=5
       python -m runner worker --gpu 0
-      python -m runner status
+      python -m runner status --watch
       python -m runner requeue --failed
+      python -m runner results
+      python -m runner plot --out runs/sample_complexity.png
+      python -m runner logs table_connectivity_standard_V5_N256_run1 --follow
     """
     ctx.obj = {"db": db or default_url()}
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -103,14 +107,22 @@ def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: all cores). Give each of several CPU "
                    "workers on one machine its share, or they slow each other down badly.")
+@click.option("--progress-every", type=click.FloatRange(min=0), default=30, show_default=True,
+              metavar="SECONDS",
+              help="Seconds between progress log lines when not on a terminal "
+                   "(on a terminal: a progress bar).")
 @click.pass_context
-def worker(ctx, gpu, max_jobs, lease, order, wait, threads):
-    """Claim jobs one by one and train them in this process."""
+def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every):
+    """Claim jobs one by one and train them in this process.
+
+    On a terminal the running job shows a progress bar (step/total, loss,
+    steps/s, ETA); otherwise a log line every --progress-every seconds.
+    """
     from runner.worker import BadDevice, Worker
 
     queue = open_queue(ctx)
     try:
-        w = Worker(queue, gpu, lease, order, threads)
+        w = Worker(queue, gpu, lease, order, threads, progress_every)
     except BadDevice as e:
         raise BadInput(str(e)) from None
     w.install_signal_handlers()
@@ -119,17 +131,42 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", type=click.FloatRange(min=0.5), is_flag=False, flag_value=5.0,
+              default=None, metavar="[SECONDS]",
+              help="Redraw every SECONDS (default 5) until Ctrl-C.")
 @click.pass_context
-def status(ctx, as_json):
-    """Counts by state, running jobs with progress, failed jobs with their error."""
-    from runner.status import status_json, status_text
+def status(ctx, as_json, watch):
+    """Counts by state, sweep progress and ETA, running jobs, failed jobs.
 
+    The ETA comes from the step rates measured so far (see runner/progress.py)
+    and the number of live workers.
+    """
+    from runner.status import attempt_starts, status_json, status_text
+
+    if watch is not None and as_json:
+        raise BadInput("--watch redraws the table; for scripts, poll status --json instead")
     queue = open_queue(ctx)
-    counts, jobs = queue.counts(), queue.jobs()
-    if as_json:
-        click.echo(status_json(counts, jobs))
-    else:
-        click.echo(status_text(counts, jobs, mask_url(ctx.obj["db"])))
+    cache: dict = {}
+
+    def report() -> str:
+        counts, jobs = queue.counts(), queue.jobs()
+        starts = attempt_starts(queue, jobs, cache)
+        if as_json:
+            return status_json(counts, jobs, starts)
+        return status_text(counts, jobs, mask_url(ctx.obj["db"]), starts)
+
+    if watch is None:
+        click.echo(report())
+        return
+    try:
+        while True:
+            text = report()
+            click.clear()
+            click.echo(f"{time.strftime('%H:%M:%S')}  every {watch:g}s, Ctrl-C to stop\n")
+            click.echo(text)
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command()
@@ -146,6 +183,121 @@ def requeue(ctx, failed, names):
     except ValueError as e:
         raise BadInput(str(e)) from None
     click.echo(f"requeued {len(done)} job(s)" + (": " + ", ".join(done) if done else ""))
+
+
+@cli.command()
+@click.option("--json", "fmt", flag_value="json", help="JSON: rows and notes.")
+@click.option("--csv", "fmt", flag_value="csv", help="CSV: one line per row, fractions.")
+@click.pass_context
+def results(ctx, fmt):
+    """Test accuracy per (V, model, N): mean ± std over runs, min–max, majority rate.
+
+    Finished runs are the jobs succeeded in the database; each one's metrics
+    are read from its folder's eval.json, which wins if the database disagrees
+    (noted on stderr, and under "notes" in --json).
+    """
+    from runner.results import aggregate, to_csv, to_json, to_text
+
+    res = aggregate(open_queue(ctx).jobs())
+    click.echo({"json": to_json, "csv": to_csv}.get(fmt, to_text)(res), nl=fmt != "csv")
+    if fmt != "json":
+        for note in res.notes:
+            click.echo(f"note: {note}", err=True)
+
+
+@cli.command()
+@click.option("--out", default="runs/sample_complexity.png", show_default=True,
+              type=click.Path(dir_okay=False), help="The sample-complexity figure (PNG).")
+@click.option("--curves-dir", default=None, type=click.Path(file_okay=False),
+              help="Where the training-curve figures go [default: curves/ beside --out].")
+@click.pass_context
+def plot(ctx, out, curves_dir):
+    """Sample-complexity figure (accuracy vs N per V and model) and training curves."""
+    from runner.plot import sample_complexity, training_curves
+    from runner.results import aggregate
+
+    if not out.lower().endswith(".png"):
+        raise BadInput(f"--out '{out}': the figure is written as PNG; name it *.png")
+    jobs = open_queue(ctx).jobs()
+    res = aggregate(jobs)
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    try:
+        path = sample_complexity(res, out)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    curves = training_curves(jobs, curves_dir or Path(out).parent / "curves")
+    click.echo(f"wrote the sample-complexity figure: {path}")
+    if curves:
+        click.echo(f"wrote {len(curves)} training-curve figure(s) to {curves[0].parent}/")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing new lines until the job ends (or Ctrl-C).")
+@click.pass_context
+def logs(ctx, name, follow):
+    """Print a job's own log (train.log in its folder), across attempts.
+
+    NAME is the job's name, or any part of it that matches one job only
+    (e.g. standard_V5_N256_run1).
+    """
+    from runner.results import LOG_FILE
+
+    queue = open_queue(ctx)
+    job = find_job(queue.jobs(), name)
+    path = Path(job["out_dir"]) / LOG_FILE
+    if not follow:
+        try:
+            click.echo(path.read_text(), nl=False)
+        except FileNotFoundError:
+            raise click.ClickException(
+                f"{job['name']} ({job['state']}) has no log yet; it will be {path}") from None
+        return
+    try:
+        follow_log(queue, job, path)
+    except KeyboardInterrupt:
+        pass
+
+
+def find_job(jobs: list[dict], name: str) -> dict:
+    """The job called `name`, else the only one whose name contains it."""
+    exact = [j for j in jobs if j["name"] == name]
+    if exact:
+        return exact[0]
+    found = [j for j in jobs if name in j["name"]]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise BadInput(f"'{name}' matches {len(found)} jobs ("
+                       + ", ".join(j["name"] for j in found[:3])
+                       + (", ..." if len(found) > 3 else "") + "); give more of the name")
+    raise BadInput(f"no job named '{name}' (see `python -m runner status --json` for names)")
+
+
+def follow_log(queue: JobQueue, job: dict, path: Path, poll: float = 0.5) -> None:
+    """Like tail -f from the start of the file; returns once the job has ended."""
+    if not path.exists():
+        click.echo(f"waiting for {job['name']} ({job['state']}) to start: {path}", err=True)
+    offset, checked, state = 0, 0.0, job["state"]
+    while True:
+        try:
+            with open(path) as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset = f.tell()
+        except FileNotFoundError:
+            chunk = ""
+        if chunk:
+            click.echo(chunk, nl=False)
+            continue
+        if state in ("succeeded", "failed"):
+            return
+        time.sleep(poll)
+        if time.monotonic() - checked > 2:  # the database, less often than the file
+            checked = time.monotonic()
+            state = next((j["state"] for j in queue.jobs() if j["id"] == job["id"]), "failed")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ exits at once: the lease then expires and another worker resumes the job.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -15,12 +16,32 @@ import socket
 import threading
 import time
 import traceback
+from datetime import datetime, timezone
+from pathlib import Path
 
 from db import Claim, DatabaseError, JobQueue, LeaseLost
+from runner.progress import JobDisplay
+from runner.results import LOG_FILE
 
 log = logging.getLogger("runner.worker")
 
 PROGRESS_INTERVAL = 1.0  # seconds between progress writes: status stays live, DB stays calm
+
+
+def job_log(claim: Claim, message: str) -> None:
+    """Append the worker's own lines about a job to the job's log (the trainer's train.log).
+
+    Same timestamp format as the trainer's lines, so the file reads in order
+    across attempts. Best effort: a folder that cannot be written (the job
+    failed because of it, say) only loses these lines.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    lines = message.rstrip("\n").splitlines() or [""]
+    try:
+        with open(Path(claim.out_dir) / LOG_FILE, "a") as f:
+            f.writelines(f"{stamp} [worker {claim.worker}] {line}\n" for line in lines)
+    except OSError as e:
+        log.debug("%s: cannot write its log: %s", claim.name, e)
 
 
 class BadDevice(ValueError):
@@ -73,6 +94,8 @@ class Heartbeat:
                 continue
             if not held:
                 log.error("%s: lease lost (taken over); stopping this attempt", self.claim.name)
+                job_log(self.claim, f"lease lost on attempt {self.claim.attempt} (another "
+                                    "worker took the job over); stopping this attempt")
                 self.lost.set()
                 self.stop_job.set()
                 return
@@ -80,8 +103,9 @@ class Heartbeat:
 
 class Worker:
     def __init__(self, queue: JobQueue, gpu: str, lease: float, order: str = "guide",
-                 threads: int | None = None):
+                 threads: int | None = None, progress_every: float = 30.0):
         self.queue, self.gpu, self.lease, self.order = queue, gpu, lease, order
+        self.progress_every = progress_every  # seconds between progress log lines (no terminal)
         self.device = resolve_device(gpu)
         if threads:
             import torch
@@ -127,17 +151,23 @@ class Worker:
             self.stop_job.set()
         log.info("%s: claimed (attempt %d, from step %d)", claim.name, claim.attempt, claim.step)
         last_write = 0.0
+        display = JobDisplay(claim.name, claim.total_steps, claim.step, log, self.progress_every)
 
         def on_progress(p) -> None:
             nonlocal last_write
+            display.update(p.step, p.loss)
             now = time.monotonic()
             if now - last_write >= PROGRESS_INTERVAL or p.step == p.total_steps:
                 last_write = now
-                if not self.queue.progress(claim, p.step, p.loss):
-                    self.stop_job.set()
+                try:
+                    if not self.queue.progress(claim, p.step, p.loss):
+                        self.stop_job.set()
+                except DatabaseError as e:  # progress is advisory: training goes on
+                    log.warning("%s: progress not recorded: %s", claim.name, e)
 
         result = error = None
-        with Heartbeat(self.queue, claim, self.lease / 4, self.stop_job) as beat:
+        with _logs_around(display), Heartbeat(self.queue, claim, self.lease / 4,
+                                              self.stop_job) as beat:
             try:
                 result = run(
                     claim.config, claim.out_dir, device=self.device, on_progress=on_progress,
@@ -147,9 +177,14 @@ class Worker:
             except FolderBusy as e:
                 error = e
                 log.warning("%s: %s; handing the job back", claim.name, e)
+                job_log(claim, f"attempt {claim.attempt}: {e}; job handed back")
             except Exception as e:  # this job failed; the worker goes on
                 error = e
                 log.error("%s: failed: %s: %s", claim.name, type(e).__name__, e)
+                job_log(claim, f"attempt {claim.attempt} failed:\n"
+                        + "".join(traceback.format_exception(e)))
+            finally:
+                display.close()
         try:
             if beat.lost.is_set():
                 pass  # fenced out: another worker owns the job now
@@ -166,8 +201,10 @@ class Worker:
             else:
                 self.queue.release(claim, result.step)
                 log.info("%s: back to pending at step %d", claim.name, result.step)
+                job_log(claim, f"job back to pending at step {result.step}")
         except LeaseLost as e:
             log.error("%s", e)
+            job_log(claim, str(e))
         finally:
             result = error = None
             self._free_memory()
@@ -178,3 +215,12 @@ class Worker:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _logs_around(display: JobDisplay):
+    """While a progress bar is drawn, log lines are printed above it, not through it."""
+    if display.bar is None:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()

@@ -1,0 +1,167 @@
+"""Figures: the sample-complexity figure and one training-curve figure per (V, N).
+
+matplotlib is imported inside the functions (Agg canvas, no pyplot, no
+display needed), so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from runner.results import MODEL_LABELS, Results, read_metrics
+
+COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+RUN_STYLES = ["-", "--", ":", "-."]
+DPI = 120
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _label(model: str) -> str:
+    return MODEL_LABELS.get(model, model)
+
+
+def sample_complexity(results: Results, out: str | Path) -> Path:
+    """Balanced accuracy (top) and accuracy (bottom) vs N, one panel per V, a line per model.
+
+    Points: mean over the finished runs, error bars one sample standard
+    deviation, faint dots the single runs. Dashed references: 50 % (any
+    constant answer's balanced accuracy; a coin flip's accuracy) and the
+    evaluation sets' majority-class rate (always answering the common class).
+    """
+    from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
+
+    rows = [r for r in results.rows if r["runs_finished"]]
+    if not rows:
+        raise ValueError("no job has finished yet: nothing to plot")
+    Vs = sorted({r["V"] for r in rows})
+    models = list(dict.fromkeys(r["model"] for r in results.rows))
+    fig = _figure(5.0 * len(Vs) + 2.6, 8.4)
+    axes = fig.subplots(2, len(Vs), squeeze=False, sharex=True)
+    planned = sum(r["runs_planned"] for r in results.rows)
+    finished = sum(r["runs_finished"] for r in results.rows)
+    runs_per_point = sorted({r["runs_finished"] for r in rows})
+    for col, V in enumerate(Vs):
+        at_v = [r for r in rows if r["V"] == V]
+        Ns = sorted({r["N"] for r in at_v})
+        majority = [run["majority_rate"] for r in at_v for run in r["runs"]
+                    if run["majority_rate"] is not None]
+        majority_rate = sum(majority) / len(majority) if majority else None
+        for row_i, (metric, ylabel) in enumerate([
+                ("balanced_accuracy", "balanced accuracy\n(mean of the two classes' recalls)"),
+                ("accuracy", "accuracy (share of test answers right)")]):
+            ax = axes[row_i][col]
+            for m_i, model in enumerate(models):
+                pts = sorted((r for r in at_v if r["model"] == model), key=lambda r: r["N"])
+                if not pts:
+                    continue
+                shift = 2 ** (0.04 * (m_i - (len(models) - 1) / 2))  # side by side on log2 x
+                color = COLORS[m_i % len(COLORS)]
+                xs = [r["N"] * shift for r in pts]
+                ax.errorbar(xs, [r[metric]["mean"] for r in pts],
+                            yerr=[r[metric]["std"] or 0.0 for r in pts], color=color,
+                            marker="o", ms=5, capsize=4, lw=1.8, label=_label(model))
+                for x, r in zip(xs, pts, strict=True):
+                    vals = [run[metric] for run in r["runs"] if run[metric] is not None]
+                    ax.plot([x] * len(vals), vals, ".", color=color, alpha=0.35, ms=5)
+            ax.axhline(0.5, color="0.35", ls="--", lw=1,
+                       label="chance: any constant\nanswer (50 %)" if metric ==
+                       "balanced_accuracy" else "coin flip (50 %)")
+            if metric == "accuracy" and majority_rate is not None:
+                ax.axhline(majority_rate, color="tab:red", ls="--", lw=1,
+                           label="always the majority\nclass (its rate at this V)")
+                ax.annotate(f"{100 * majority_rate:.0f} %", (1, majority_rate),
+                            xycoords=("axes fraction", "data"), xytext=(-3, 3),
+                            textcoords="offset points", ha="right", va="bottom",
+                            color="tab:red", fontsize=8)
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(Ns))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticks(Ns, [str(n) for n in Ns])
+            ax.set_xlim(min(Ns) / 2 ** 0.4, max(Ns) * 2 ** 0.4)
+            low = min([0.45] + [r[metric]["min"] for r in at_v if r[metric]["min"] is not None])
+            ax.set_ylim(max(0.0, low - 0.03), 1.01)
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.grid(True, alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(ylabel)
+            if row_i == 0:
+                ax.set_title(f"V = {V} tables")
+            else:
+                ax.set_xlabel("training examples N (log scale)")
+            if col == len(Vs) - 1:
+                ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+    runs_note = (f"{runs_per_point[0]} run" if runs_per_point == [1] else
+                 f"{runs_per_point[0]} runs" if len(runs_per_point) == 1
+                 else f"{runs_per_point[0]}-{runs_per_point[-1]} runs")
+    fig.suptitle("Table connectivity: test accuracy vs number of training examples\n"
+                 f"points: mean ± 1 sample std over {runs_note}; faint dots: single runs"
+                 + ("" if finished == planned else
+                    f"; incomplete: {finished} of {planned} runs finished"), fontsize=11)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def training_curves(jobs: list[dict], out_dir: str | Path) -> list[Path]:
+    """One figure per (V, N): test accuracy and balanced accuracy vs step, both models.
+
+    From each job's metrics.jsonl (evaluation records only); running jobs show
+    their curve so far. Returns the files written.
+    """
+    from matplotlib.ticker import PercentFormatter
+
+    models = list(dict.fromkeys(j["model"] for j in jobs))
+    groups: dict[tuple, list[tuple[dict, list[dict]]]] = {}
+    for job in jobs:
+        evals = [r for r in read_metrics(job["out_dir"]) if "test_accuracy" in r]
+        if evals:
+            groups.setdefault((job["v"], job["n"]), []).append((job, evals))
+    out_dir = Path(out_dir)
+    written = []
+    for (V, N), members in sorted(groups.items()):
+        fig = _figure(11, 4.4)
+        axes = fig.subplots(1, 2, sharex=True)
+        majority = [r["test_majority_rate"] for _, ev in members for r in ev
+                    if r.get("test_majority_rate") is not None]
+        for ax, metric, title in [
+                (axes[0], "test_accuracy", "accuracy (share of test answers right)"),
+                (axes[1], "test_balanced_accuracy", "balanced accuracy (mean of class recalls)")]:
+            for job, evals in sorted(members, key=lambda m: (models.index(m[0]["model"]),
+                                                              m[0]["run"])):
+                color = COLORS[models.index(job["model"]) % len(COLORS)]
+                style = RUN_STYLES[(job["run"] - 1) % len(RUN_STYLES)]
+                ax.plot([r["step"] + 1 for r in evals], [r.get(metric) for r in evals],
+                        color=color, ls=style, marker="o", ms=3, lw=1.4,
+                        label=f"{_label(job['model'])}, run {job['run']}"
+                        + ("" if job["state"] == "succeeded" else f" ({job['state']})"))
+            ax.axhline(0.5, color="0.35", ls="--", lw=1,
+                       label="50 %: a coin flip; also the balanced\naccuracy of any constant "
+                       "answer")
+            if metric == "test_accuracy" and majority:
+                rate = sum(majority) / len(majority)
+                ax.axhline(rate, color="tab:red", ls="--", lw=1,
+                           label=f"always the majority class ({100 * rate:.0f} %)")
+            ax.set_title(title, fontsize=10)
+            ax.set_ylabel("on the held-out test set")
+            ax.set_xlabel("training steps done")
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(True, alpha=0.3)
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", fontsize=8)
+        fig.suptitle(f"Training curves: V = {V} tables, N = {N} training examples (test set "
+                     f"evaluated every few steps)", fontsize=11)
+        path = out_dir / f"curves_V{V}_N{N}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        written.append(path)
+    return written

@@ -1,0 +1,203 @@
+"""Progress: step rates, ETAs, and the worker's display of the job it runs.
+
+No torch, no database access: the rate functions take the queue's job dicts
+plus, for each job, the step its current attempt started from (the `claim`
+event's step; see `runner.status.attempt_starts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import TextIO
+
+# --- formatting ------------------------------------------------------------------
+
+
+def duration(seconds: float | None) -> str:
+    """12s, 4m05s, 3h07m, 2d04h; 'unknown' for None."""
+    if seconds is None:
+        return "unknown"
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def bar(fraction: float, width: int = 12) -> str:
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+# --- measured step rates and the sweep's ETA ----------------------------------------
+
+
+def attempt_rate(job: dict, start_step: int | None) -> float | None:
+    """Steps per second of the job's current (or last) attempt, or None if unmeasured.
+
+    Running: steps done since the claim / seconds from the claim to the last
+    progress write. Succeeded: the attempt's steps / seconds from claim to finish.
+    Both include the attempt's start-up (data, model), so short jobs read slower.
+    """
+    if start_step is None or job["claimed_at"] is None:
+        return None
+    if job["state"] == "running":
+        steps, end = job["step"] - start_step, job["progress_at"]
+    elif job["state"] == "succeeded":
+        steps, end = job["total_steps"] - start_step, job["finished_at"]
+    else:
+        return None
+    if end is None or steps <= 0 or end <= job["claimed_at"]:
+        return None
+    return steps / (end - job["claimed_at"])
+
+
+def live_workers(jobs: list[dict]) -> set[str]:
+    """Workers holding a running job with a heartbeat younger than its lease."""
+    return {j["worker"] for j in jobs if j["state"] == "running" and j["worker"]
+            and j["heartbeat_age"] is not None
+            and j["heartbeat_age"] <= (j["lease_seconds"] or 60)}
+
+
+def sweep_progress(jobs: list[dict], starts: dict[int, int]) -> dict:
+    """Steps done, per-job rates and ETAs, and the sweep's ETA.
+
+    The ETA, kept simple on purpose:
+      * each unfinished job (pending or running; failed jobs wait for a requeue
+        and are not counted) has `total_steps - step` steps left;
+      * its rate is its own live rate when it is running and has one, else the
+        median measured rate of the same (V, model) -- a step costs the same
+        whatever N, which only sizes the data pool -- else the median over all
+        measured jobs, scaled by the planner's per-step compute estimate
+        (`cost / total_steps`);
+      * the sweep's ETA is the summed seconds left divided by the number of live
+        workers, i.e. assuming they keep working in parallel at the rates seen.
+    None (shown "unknown") when no rate has been measured or no worker is alive.
+    """
+    rates = {j["id"]: attempt_rate(j, starts.get(j["id"])) for j in jobs}
+    by_group: dict[tuple, list[float]] = {}
+    cost_rates = []   # compute units per second
+    for j in jobs:
+        if rates[j["id"]]:
+            by_group.setdefault((j["v"], j["model"]), []).append(rates[j["id"]])
+            cost_rates.append(rates[j["id"]] * _cost_per_step(j))
+    left = [j for j in jobs if j["state"] in ("pending", "running")]
+    seconds, unknown = 0.0, 0
+    job_eta = {}
+    for j in left:
+        rate = rates[j["id"]] if j["state"] == "running" else None
+        if not rate and (j["v"], j["model"]) in by_group:
+            rate = statistics.median(by_group[(j["v"], j["model"])])
+        if not rate and cost_rates and _cost_per_step(j):
+            rate = statistics.median(cost_rates) / _cost_per_step(j)
+        if not rate:
+            unknown += 1
+            continue
+        steps_left = max(0, j["total_steps"] - j["step"])
+        seconds += steps_left / rate
+        if j["state"] == "running":
+            job_eta[j["id"]] = steps_left / rate
+    workers = len(live_workers(jobs))
+    done = sum(j["total_steps"] if j["state"] == "succeeded" else min(j["step"], j["total_steps"])
+               for j in jobs)
+    total = sum(j["total_steps"] for j in jobs)
+    if not left:
+        eta = 0.0
+    elif unknown or not workers:
+        eta = None
+    else:
+        eta = seconds / workers
+    return {"steps_done": done, "steps_total": total, "jobs_left": len(left),
+            "live_workers": workers, "work_seconds_left": None if unknown else seconds,
+            "eta_seconds": eta, "rates": rates, "job_eta": job_eta}
+
+
+def _cost_per_step(job: dict) -> float:
+    return (job.get("cost") or 0.0) / job["total_steps"] if job["total_steps"] else 0.0
+
+
+def eta_line(p: dict) -> str:
+    frac = p["steps_done"] / p["steps_total"] if p["steps_total"] else 0.0
+    head = f"progress {p['steps_done']}/{p['steps_total']} steps ({100 * frac:.1f}%)"
+    if not p["jobs_left"]:
+        return head + ", sweep finished"
+    if p["work_seconds_left"] is None:
+        return head + ", ETA unknown (no step rate measured yet)"
+    work = f"{duration(p['work_seconds_left'])} of work left for one worker"
+    if not p["live_workers"]:
+        return head + f", ETA unknown: no live worker ({work})"
+    return (head + f", ETA {duration(p['eta_seconds'])} with {p['live_workers']} live "
+            f"worker(s) ({work}, from measured step rates)")
+
+
+# --- the worker's display of its job -----------------------------------------------
+
+
+class JobDisplay:
+    """Progress of one job: a tqdm bar on a terminal, else a log line every `every` s.
+
+    The log lines (and the last step's) read:
+    `NAME: step 120/1001 (12%), loss 0.4567, 3.20 steps/s, ETA 4m35s`.
+    """
+
+    def __init__(self, name: str, total: int, initial: int, log: logging.Logger,
+                 every: float = 30.0, stream: TextIO | None = None):
+        self.name, self.total, self.log, self.every = name, total, log, every
+        self.stream = stream if stream is not None else sys.stderr
+        self.start_step, self.start_time = initial, time.monotonic()
+        self.last_line = self.start_time
+        self.bar = None
+        if _isatty(self.stream):
+            from tqdm import tqdm
+
+            sized = _columns(self.stream) > 0  # a pty may report 0x0: tqdm then hides the bar
+            self.bar = tqdm(total=total, initial=initial, desc=name, unit="step",
+                            file=self.stream, dynamic_ncols=sized, ncols=None if sized else 100,
+                            nrows=None if sized else 20, leave=False, smoothing=0.1,
+                            mininterval=0.5)
+
+    def update(self, step: int, loss: float | None) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str("" if loss is None else f"loss {loss:.4f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.every or step >= self.total:
+            self.last_line = now
+            self.log.info("%s", self.line(step, loss, now))
+
+    def line(self, step: int, loss: float | None, now: float) -> str:
+        elapsed = now - self.start_time
+        rate = (step - self.start_step) / elapsed if elapsed > 0 else None
+        eta = (self.total - step) / rate if rate else None
+        return (f"{self.name}: step {step}/{self.total} ({100 * step / self.total:.0f}%)"
+                + ("" if loss is None else f", loss {loss:.4f}")
+                + ("" if rate is None else f", {rate:.2f} steps/s")
+                + ("" if step >= self.total else f", ETA {duration(eta)}"))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 0
+
