@@ -56,12 +56,14 @@ def _now_postgresql(element, compiler, **kw):
     return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"
 
 
+# scheme://user:PASSWORD@ where PASSWORD runs to the last '@': a password with an
+# unescaped '@' (p@ss) is hidden whole, not cut at its first '@'.
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*:).*@", re.DOTALL)
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
+    """The URL with any password replaced by ***, safe to print (even if the URL is invalid)."""
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 def _filesystem_type(path: Path) -> str | None:
@@ -91,8 +93,11 @@ def connect(url: str, create: bool = False) -> Engine:
     """
     try:
         parsed = make_url(url)
-    except exc.ArgumentError:
+    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise DatabaseError(f"invalid database URL '{mask_url(url)}'") from None
+    if parsed.host and "@" in parsed.host:  # user:p@ss@host: the driver would try host "ss@host"
+        raise DatabaseError(f"invalid database URL '{mask_url(url)}': write '@' in a user name "
+                            "or password as %40")
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         engine = _sqlite_engine(url, parsed.database, create)
@@ -108,9 +113,12 @@ def connect(url: str, create: bool = False) -> Engine:
         )
     try:
         _ensure_schema(engine)
-    except exc.DBAPIError as e:
+    # The driver's own errors too: those raised on a raw connection (SQLite's PRAGMAs, e.g.
+    # "file is not a database", or a folder given as the file) are not wrapped by SQLAlchemy.
+    except (exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
         engine.dispose()
-        reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+        orig = getattr(e, "orig", None) or e
+        reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
         raise DatabaseError(f"cannot reach database '{mask_url(url)}': {reason}") from None
     return engine
 

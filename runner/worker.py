@@ -129,6 +129,10 @@ class Worker:
 
     def run(self, max_jobs: int | None = None, wait: bool = False, poll: float = 5.0) -> int:
         """Work through the queue; returns how many jobs this worker ran."""
+        # torch and transformers take seconds to import: do it before holding a
+        # lease, never between a claim and its first heartbeat.
+        import trainer.train  # noqa: F401
+
         log.info("worker %s on %s, lease %gs", self.name, self.device, self.lease)
         ran = 0
         while not self.stopping.is_set() and (max_jobs is None or ran < max_jobs):

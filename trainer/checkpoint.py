@@ -66,6 +66,21 @@ def save_state(out_dir: Path, state: dict) -> Path:
     return path
 
 
+def remove_temp_files(out_dir: Path) -> list[Path]:
+    """Delete the temp files of atomic writes that never finished (a process killed mid-write).
+
+    Call it only while holding the folder's lock: then no write into the folder is in flight.
+    """
+    removed = []
+    for folder in (Path(out_dir), Path(out_dir) / STATE_DIR, Path(out_dir) / SNAPSHOT_DIR):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
+
+
 def list_states(out_dir: Path) -> list[Path]:
     """State files, newest step first (valid or not)."""
     folder = Path(out_dir) / STATE_DIR

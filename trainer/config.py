@@ -10,6 +10,7 @@ names the file, key or value at fault.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,8 @@ def load_yaml(path: Path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -92,6 +95,10 @@ def resolve(
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family '{family}' (known: {', '.join(FAMILIES)})")
     profile_path = conf_dir / "profiles" / f"{profile}.yaml"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", profile):  # no ../ out of profiles/
+        known = ", ".join(sorted(p.stem for p in (conf_dir / "profiles").glob("*.yaml")))
+        raise ConfigError(f"unknown profile '{profile}': a profile is the name of a file in "
+                          f"{conf_dir / 'profiles'} ({known})")
     if not profile_path.exists():
         raise ConfigError(f"unknown profile '{profile}': no file {profile_path}")
     config: dict = {}

@@ -103,6 +103,8 @@ def run(
         log = JobLog(out / ckpt.LOG_FILE, echo)
         if header:
             log(f"=== {header} ===")
+        for path in ckpt.remove_temp_files(out):  # left by a process killed mid-write
+            log(f"removed {path.relative_to(out)}: an unfinished write")
         return _train(config, out, dev, on_progress, stop or threading.Event(), log)
     finally:
         torch.use_deterministic_algorithms(deterministic)

@@ -1,0 +1,202 @@
+"""More bad input, table-driven: sweep files, trainer configs, CLI arguments, database URLs.
+
+Each gives exit status 2, one line on stderr naming the fault, and leaves the database (or
+the trainer's output folder) untouched. Complements tests/test_cli.py, without repeating it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BACKENDS, PYTHON, ROOT, new_pg_database
+from tests.test_cli import GOOD_SWEEP, cli, digest
+from trainer.config import resolve
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def planned(request, tmp_path_factory):
+    """One planned queue per backend for the whole module: each case checks it is unchanged."""
+    folder = tmp_path_factory.mktemp("planned")
+    if request.param == "sqlite":
+        url = f"sqlite:///{folder / 'queue.sqlite'}"
+    else:
+        url = new_pg_database(request.getfixturevalue("pg_server_url"))
+    proc = cli(url, "plan", "--profile", "smoke", "--only", "V=5", "--out-root",
+               str(folder / "runs"))
+    assert proc.returncode == 0, proc.stderr
+    return url
+
+
+def write(tmp_path: Path, name: str, content: str | bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def sweep(t: Path, content: str | bytes) -> list[str]:
+    return ["plan", "--sweep", write(t, "sweep.yaml", content)]
+
+
+def edited(old: str, new: str) -> str:
+    assert old in GOOD_SWEEP
+    return GOOD_SWEEP.replace(old, new)
+
+
+RUNNER_CASES = [
+    # Sweep files.
+    ("sweep not a mapping", lambda t: sweep(t, "- V\n- N\n"), "expected a mapping"),
+    ("empty sweep", lambda t: sweep(t, ""), "missing key 'study'"),
+    ("sweep not UTF-8", lambda t: sweep(t, b"study: caf\xe9\n"), "not UTF-8"),
+    ("sweep missing grid", lambda t: sweep(t, edited("grid:", "grids:")), "unknown key 'grids'"),
+    ("grid missing an axis", lambda t: sweep(t, edited("  run: [1, 2, 3]\n", "")),
+     "'grid' must have exactly the keys"),
+    ("repeated grid value", lambda t: sweep(t, edited("N: [256,", "N: [256, 256,")),
+     "grid.N"),
+    ("grid value of the wrong type", lambda t: sweep(t, edited("run: [1, 2, 3]", "run: [1, two]")),
+     "grid.run"),
+    ("study with a separator", lambda t: sweep(t, edited("study: table_connectivity",
+                                                         "study: a/b")), "'study'"),
+    ("max_attempts zero", lambda t: sweep(t, edited("max_attempts: 3", "max_attempts: 0")),
+     "max_attempts"),
+    ("models entry without folder", lambda t: sweep(t, edited(
+        "{tag: standard, folder: table_connectivity}", "{tag: standard}")), "models.gpt2"),
+    ("sweep is a folder", lambda t: ["plan", "--sweep", str(t)], "is a directory"),
+    # Arguments.
+    ("profile outside conf/profiles", lambda t: ["plan", "--profile", "../experiment"],
+     "unknown profile '../experiment'"),
+    ("--set without a value", lambda t: ["plan", "--set", "training.train_steps"],
+     "expected KEY=VALUE"),
+    ("--set on a section", lambda t: ["plan", "--set", "model=3"], "unknown key 'model'"),
+    ("--set not a number", lambda t: ["plan", "--set", "training.learning_rate=fast"],
+     "training.learning_rate"),
+    ("--set inconsistent V", lambda t: ["plan", "--set", "training.task_kwargs.V=7"],
+     "training.task_kwargs.V"),
+    ("--only without =", lambda t: ["plan", "--only", "V"], "--only 'V'"),
+    ("empty --out-root", lambda t: ["plan", "--out-root", ""], "--out-root"),
+    ("unknown option", lambda t: ["plan", "--bogus"], "--bogus"),
+    ("unknown command", lambda t: ["frobnicate"], "frobnicate"),
+    ("--threads 0", lambda t: ["worker", "--gpu", "cpu", "--threads", "0"], "--threads"),
+    ("--max-jobs 0", lambda t: ["worker", "--gpu", "cpu", "--max-jobs", "0"], "--max-jobs"),
+    ("unknown --order", lambda t: ["worker", "--gpu", "cpu", "--order", "random"], "--order"),
+    ("--gpu not a number", lambda t: ["worker", "--gpu", "first"], "--gpu 'first'"),
+    ("--watch with --json", lambda t: ["status", "--json", "--watch", "2"], "--watch"),
+    ("figure not PNG", lambda t: ["plot", "--out", str(t / "figure.pdf")], "PNG"),
+    ("logs of an unknown job", lambda t: ["logs", "no_such_job"], "no_such_job"),
+]
+
+
+@pytest.mark.parametrize("label, args, message", RUNNER_CASES, ids=[c[0] for c in RUNNER_CASES])
+def test_runner_bad_input_exits_2_with_one_line_and_changes_nothing(planned, tmp_path, label,
+                                                                    args, message):
+    before = digest(planned)
+    proc = cli(planned, *args(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+    assert digest(planned) == before
+
+
+def config_file(t: Path, change=None, text: str | bytes | None = None) -> list[str]:
+    """`python -m trainer --config FILE` args: a valid config edited by `change`, or `text`."""
+    if text is None:
+        config = resolve("gpt2", 5, 256, 1, "smoke")
+        change(config)
+        text = yaml.safe_dump(config)
+    return ["--config", write(t, "config.yaml", text)]
+
+
+def _set(dotted: str, value):
+    def change(config):
+        *path, last = dotted.split(".")
+        node = config
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return change
+
+
+TRAINER_CASES = [
+    ("config missing", lambda t: ["--config", str(t / "nope.yaml")], "cannot read"),
+    ("config is a folder", lambda t: ["--config", str(t)], "is a directory"),
+    ("config malformed YAML", lambda t: config_file(t, text="model: {n_embd: 32\n"),
+     "invalid YAML"),
+    ("config not UTF-8", lambda t: config_file(t, text=b"model: \xff\n"), "not UTF-8"),
+    ("config a list", lambda t: config_file(t, text="- model\n"), "expected a mapping"),
+    ("config empty", lambda t: config_file(t, text=""), "missing key 'model'"),
+    ("config unknown key", lambda t: config_file(t, _set("model.dropout", 0.1)),
+     "unknown key 'model.dropout'"),
+    ("config missing section", lambda t: config_file(t, lambda c: c.pop("seeds")),
+     "missing key 'seeds'"),
+    ("config wrong type", lambda t: config_file(t, _set("training.batch_size", "16")),
+     "training.batch_size"),
+    ("config heads do not divide width", lambda t: config_file(t, _set("model.n_head", 5)),
+     "model.n_embd"),
+    ("config rho out of range", lambda t: config_file(t, _set("training.task_kwargs.rho", 1.5)),
+     "training.task_kwargs.rho"),
+    ("config V mismatch", lambda t: config_file(t, _set("training.task_kwargs.V", 7)),
+     "training.task_kwargs.V"),
+    ("config too few positions", lambda t: config_file(t, _set("model.n_positions", 10)),
+     "model.n_positions"),
+    ("config negative seed", lambda t: config_file(t, _set("seeds.pool", -1)), "seeds.pool"),
+    ("config unknown task", lambda t: config_file(t, _set("training.task", "sorting")),
+     "training.task"),
+    ("trainer unknown family", lambda t: ["--family", "bert"], "bert"),
+    ("trainer profile outside conf/profiles", lambda t: ["--profile", "../experiment"],
+     "unknown profile"),
+    ("trainer without --out", lambda t: ["--profile", "smoke", "--out"], "--out"),
+]
+
+
+@pytest.mark.parametrize("label, args, message", TRAINER_CASES,
+                         ids=[c[0] for c in TRAINER_CASES])
+def test_trainer_bad_config_exits_2_with_one_line_and_writes_nothing(tmp_path, label, args,
+                                                                     message):
+    out = tmp_path / "out"
+    extra = [] if "--out" in args(tmp_path) else ["--out", str(out)]
+    proc = subprocess.run([PYTHON, "-m", "trainer", *args(tmp_path), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+    assert not out.exists()
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+URL_CASES = [
+    ("sqlite in memory", lambda t: "sqlite://", "needs a file"),
+    ("sqlite file that is not a database",
+     lambda t: f"sqlite:///{write(t, 'junk.sqlite', b'not a database' * 100)}",
+     "file is not a database"),
+    ("sqlite path is a folder", lambda t: f"sqlite:///{t}", "unable to open database file"),
+    ("port not a number", lambda t: "postgresql+psycopg://u:pw@127.0.0.1:fivefour/db",
+     "invalid database URL"),
+    ("unescaped @ in the password", lambda t: "postgresql+psycopg://u:p@ss@127.0.0.1:1/db",
+     "%40"),
+    ("unknown driver", lambda t: "postgresql+nosuchdriver://u:pw@127.0.0.1:1/db", "cannot use"),
+    ("bad connection option", lambda t: "postgresql+psycopg://u:pw@127.0.0.1:1/db?sslmode=maybe",
+     "sslmode"),
+]
+
+
+@pytest.mark.parametrize("label, url, message", URL_CASES, ids=[c[0] for c in URL_CASES])
+def test_unusable_database_url_exits_2_with_one_line(tmp_path, label, url, message):
+    url = url(tmp_path)
+    files = {p: _file_digest(p) for p in tmp_path.rglob("*") if p.is_file()}
+    proc = cli(url, "status")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert ":pw@" not in lines[0] and "ss@" not in lines[0]   # the password stays masked
+    assert {p: _file_digest(p) for p in tmp_path.rglob("*") if p.is_file()} == files

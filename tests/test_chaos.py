@@ -1,0 +1,28 @@
+"""The chaos run (bench/chaos.py), shortened for CI: 30 jobs, 4 workers, >= 15 faults.
+
+Workers are SIGKILLed, SIGTERMed and SIGSTOPped at random moments, restarted to keep four
+alive; at the end every job succeeded, no job ever had two live leases, no result came from
+a fenced-out attempt, and every job's files equal a fault-free run's bit for bit.
+The full run: `.venv/bin/python bench/chaos.py` (60 jobs, 60 faults).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.chaos import chaos, report
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow]
+
+
+def test_chaos_run_loses_nothing(tmp_path):
+    res = chaos(tmp_path, only=["V=5"], faults=16, freezes=2, seed=20241127,
+                ref_processes=2, timeout=900, progress=lambda message: None)
+    text = report(res, "SQLite")
+    print(text)
+    assert res.ok, text
+    assert res.counts["succeeded"] == res.jobs == 30
+    assert len(res.faults) >= 15
+    assert res.violations == [] and res.fenced_results == [] and res.duplicate_finishes == 0
+    assert res.compared == 30 and res.mismatches == []
+    assert {f.signal for f in res.faults} == {"SIGKILL", "SIGTERM"}
