@@ -243,7 +243,7 @@ def logs(ctx, name, follow):
     NAME is the job's name, or any part of it that matches one job only
     (e.g. standard_V5_N256_run1).
     """
-    from runner.results import LOG_FILE
+    from trainer.files import LOG_FILE
 
     queue = open_queue(ctx)
     job = find_job(queue.jobs(), name)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.results import MODEL_LABELS, Results, read_metrics
+from runner.results import MODEL_LABELS, Results
+from trainer.files import read_metrics
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
 RUN_STYLES = ["-", "--", ":", "-."]

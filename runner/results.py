@@ -15,13 +15,8 @@ import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
-# The trainer's file names (trainer/checkpoint.py, which imports torch; these
-# must stay equal to its constants: tests/test_results.py checks that they do).
-EVAL_FILE = "eval.json"
-METRICS_FILE = "metrics.jsonl"
-LOG_FILE = "train.log"
+from trainer.files import EVAL_FILE, read_eval
 
 METRICS = ("accuracy", "balanced_accuracy", "majority_rate")
 DB_COLUMN = {"accuracy": "test_accuracy", "balanced_accuracy": "balanced_accuracy",
@@ -33,33 +28,6 @@ MODEL_LABELS = {"gpt2": "gpt2 (standard)", "lowrank_gpt2": "lowrank_gpt2 (low-ra
 class Results:
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-# --- the job folders' files ------------------------------------------------------
-
-
-def read_eval(out_dir: str | Path) -> dict | None:
-    """A job's final evaluation, or None when the file is missing or unreadable."""
-    try:
-        data = json.loads((Path(out_dir) / EVAL_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_metrics(out_dir: str | Path) -> list[dict]:
-    """A job's metrics log; a torn last line (a job killed mid-write) is dropped."""
-    try:
-        lines = (Path(out_dir) / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
 
 
 # --- aggregation -----------------------------------------------------------------

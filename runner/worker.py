@@ -21,7 +21,7 @@ from pathlib import Path
 
 from db import Claim, DatabaseError, JobQueue, LeaseLost
 from runner.progress import JobDisplay
-from runner.results import LOG_FILE
+from trainer.files import LOG_FILE
 
 log = logging.getLogger("runner.worker")
 

@@ -19,6 +19,7 @@ import pytest
 from runner import results as res
 from runner.progress import JobDisplay, duration, sweep_progress
 from tests.conftest import PYTHON, ROOT, runner_env
+from trainer.files import METRICS_FILE
 
 
 def cli(db_url, *args, timeout=300):
@@ -27,13 +28,6 @@ def cli(db_url, *args, timeout=300):
 
 
 # --- pure functions -------------------------------------------------------------------
-
-
-def test_file_names_match_the_trainer():
-    from trainer import checkpoint as ckpt
-
-    assert (res.EVAL_FILE, res.METRICS_FILE, res.LOG_FILE) == (
-        ckpt.EVAL_FILE, ckpt.METRICS_FILE, ckpt.LOG_FILE)
 
 
 def test_stats_use_the_sample_std_and_none_for_one_run():
@@ -165,7 +159,7 @@ def test_results_plot_and_logs_on_a_real_smoke_sweep(db_url, tmp_path):
                "--only", "N=512", "--out-root", str(runs))
     assert plan.returncode == 0, plan.stderr
     doomed = runs / "table_connectivity_lowrank" / "table_connectivity_lowrank_V5_N512_run2"
-    (doomed / res.METRICS_FILE).mkdir(parents=True)   # this job fails at its first step
+    (doomed / METRICS_FILE).mkdir(parents=True)   # this job fails at its first step
     worker = cli(db_url, "worker", "--gpu", "cpu", "--threads", "1", timeout=600)
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert "table_connectivity_standard_V5_N256_run1: step 30/30 (100%)" in worker.stderr

@@ -28,14 +28,17 @@ from pathlib import Path
 import torch
 
 from trainer.atomic import write_bytes_atomic, write_json_atomic
+from trainer.files import (  # noqa: F401  (re-exported: the folder's names live in files.py)
+    CONFIG_FILE,
+    EVAL_FILE,
+    LOCK_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    SNAPSHOT_DIR,
+    STATE_DIR,
+    read_metrics,
+)
 
-CONFIG_FILE = "config.yaml"
-STATE_DIR = "state"
-SNAPSHOT_DIR = "snapshots"
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
-LOG_FILE = "train.log"
-LOCK_FILE = ".lock"
 KEEP_STATES = 2  # the newest two, so a bad newest one still leaves a fallback
 
 _STATE_RE = re.compile(r"^state-(\d{7,})\.pt$")
@@ -136,25 +139,10 @@ def append_metrics(out_dir: Path, record: dict) -> None:
         f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics log; a torn last line (killed mid-write) is dropped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
 def truncate_metrics(out_dir: Path, upto_step: int) -> None:
     """Keep only records of steps < upto_step: those after it will be recomputed."""
     path = Path(out_dir) / METRICS_FILE
-    kept = [r for r in read_metrics(path) if r["step"] < upto_step]
+    kept = [r for r in read_metrics(out_dir) if r["step"] < upto_step]
     write_bytes_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
 
 
