@@ -16,12 +16,10 @@ import socket
 import threading
 import time
 import traceback
-from datetime import datetime, timezone
-from pathlib import Path
 
 from db import Claim, DatabaseError, JobQueue, LeaseLost
 from runner.progress import JobDisplay
-from trainer.files import LOG_FILE
+from trainer.files import append_log
 
 log = logging.getLogger("runner.worker")
 
@@ -29,17 +27,13 @@ PROGRESS_INTERVAL = 1.0  # seconds between progress writes: status stays live, D
 
 
 def job_log(claim: Claim, message: str) -> None:
-    """Append the worker's own lines about a job to the job's log (the trainer's train.log).
+    """Append the worker's own lines about a job to the job's log.
 
-    Same timestamp format as the trainer's lines, so the file reads in order
-    across attempts. Best effort: a folder that cannot be written (the job
-    failed because of it, say) only loses these lines.
+    Best effort: a folder that cannot be written (the job failed because of
+    it, say) only loses these lines.
     """
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    lines = message.rstrip("\n").splitlines() or [""]
     try:
-        with open(Path(claim.out_dir) / LOG_FILE, "a") as f:
-            f.writelines(f"{stamp} [worker {claim.worker}] {line}\n" for line in lines)
+        append_log(claim.out_dir, message, prefix=f"[worker {claim.worker}] ")
     except OSError as e:
         log.debug("%s: cannot write its log: %s", claim.name, e)
 

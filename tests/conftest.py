@@ -9,18 +9,21 @@ they fail.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from db import JobQueue, connect
+from db.models import Base
 from tests import pgserver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +79,41 @@ def queue(db_url) -> JobQueue:
 
 def runner_env(db_url: str) -> dict:
     return {**os.environ, "RUNNER_DB": db_url, "PYTHONUNBUFFERED": "1"}
+
+
+def cli(db_url: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m runner ARGS` against `db_url`, output captured."""
+    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT, env=runner_env(db_url),
+                          capture_output=True, text=True, timeout=120)
+
+
+def refused_line(proc: subprocess.CompletedProcess) -> str:
+    """The one stderr line of a command refused as bad input (exit status 2)."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def digest(url: str) -> str:
+    """Every row of every table, to prove nothing was written."""
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        dump = [list(map(tuple, conn.execute(select(table).order_by(*table.primary_key))))
+                for table in Base.metadata.sorted_tables]
+    engine.dispose()
+    return hashlib.sha256(repr(dump).encode()).hexdigest()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def planned(request, tmp_path_factory) -> str:
+    """One planned queue per backend and test module; bad-input cases check it is unchanged."""
+    folder = tmp_path_factory.mktemp("planned")
+    if request.param == "sqlite":
+        url = f"sqlite:///{folder / 'queue.sqlite'}"
+    else:
+        url = new_pg_database(request.getfixturevalue("pg_server_url"))
+    proc = cli(url, "plan", "--profile", "smoke", "--only", "V=5", "--out-root",
+               str(folder / "runs"))
+    assert proc.returncode == 0, proc.stderr
+    return url

@@ -7,6 +7,7 @@ for results, figures and logs without paying for a torch import.
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
@@ -40,3 +41,15 @@ def read_eval(out_dir: str | Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def append_log(out_dir: str | Path, message: str, prefix: str = "") -> None:
+    """Append `message` to the job's log, one timestamped line per line of it.
+
+    The trainer and the worker both write here, in one format, so the file
+    reads in order across attempts.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    lines = message.rstrip("\n").splitlines() or [""]
+    with open(Path(out_dir) / LOG_FILE, "a") as f:
+        f.writelines(f"{stamp} {prefix}{line}\n" for line in lines)

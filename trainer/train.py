@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import filelock
@@ -29,6 +28,7 @@ from trainer import checkpoint as ckpt
 from trainer.atomic import write_json_atomic, write_yaml_atomic
 from trainer.config import ConfigError, resume_conflicts, validate
 from trainer.data import build_eval_set, build_pool, derive_seed, embed, sample_indices, token_table
+from trainer.files import append_log
 
 EVAL_BATCH = 256  # evaluation batch size: memory only, never changes results
 
@@ -57,15 +57,13 @@ class RunResult:
 
 
 class JobLog:
-    """Timestamped lines into the job's own log file, echoed to `echo`."""
+    """Lines into the job's own log file (trainer.files.append_log), echoed to `echo`."""
 
-    def __init__(self, path: Path, echo: Callable[[str], None] | None):
-        self.path, self.echo = path, echo
+    def __init__(self, out_dir: Path, echo: Callable[[str], None] | None):
+        self.out_dir, self.echo = out_dir, echo
 
     def __call__(self, message: str) -> None:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.path, "a") as f:
-            f.write(f"{stamp} {message}\n")
+        append_log(self.out_dir, message)
         if self.echo:
             self.echo(message)
 
@@ -100,7 +98,7 @@ def run(
         dev = torch.device(device)
         if dev.type == "cpu":
             torch.use_deterministic_algorithms(True)  # bit-exact resume on CPU
-        log = JobLog(out / ckpt.LOG_FILE, echo)
+        log = JobLog(out, echo)
         if header:
             log(f"=== {header} ===")
         for path in ckpt.remove_temp_files(out):  # left by a process killed mid-write
