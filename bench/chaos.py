@@ -34,8 +34,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# As a script, sys.path[0] is bench/, where bench/queue.py would shadow the standard `queue`
-# module (concurrent.futures imports it): swap in the repository root before other imports.
+# As a script, sys.path[0] is bench/, where bench/trainer.py would shadow the `trainer`
+# package: swap in the repository root before other imports.
 HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)

@@ -27,13 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-# As a script, sys.path[0] is bench/, where this file would shadow the `trainer` package.
+# As a script, sys.path[0] is bench/, where this file would shadow the `trainer` package:
+# swap in the repository root before any other import.
 HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from models import build_model  # noqa: E402
 from trainer.config import resolve  # noqa: E402

@@ -2,9 +2,9 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/queue.py                                   # SQLite in a temp folder
-    .venv/bin/python bench/queue.py --processes 1,2,8 --jobs 1000 --makespan-seconds 10
-    .venv/bin/python bench/queue.py --db postgresql+psycopg://user:pw@host/db
+    .venv/bin/python bench/claims.py                                   # SQLite in a temp folder
+    .venv/bin/python bench/claims.py --processes 1,2,8 --jobs 1000 --makespan-seconds 10
+    .venv/bin/python bench/claims.py --db postgresql+psycopg://user:pw@host/db
 
 1. Throughput: for each process count P, a fresh queue (a new SQLite file per round; with
    --db, every `events` and `jobs` row is deleted first) gets --jobs synthetic jobs (the
@@ -25,8 +25,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# As a script, sys.path[0] is bench/, where this file would shadow the standard `queue`
-# module (multiprocessing imports it): swap in the repository root before other imports.
+# As a script, sys.path[0] is bench/: put the repository root there instead, so that the
+# project's packages import (bench/trainer.py would shadow the `trainer` package).
 HERE = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
     sys.path[0] = str(HERE.parent)

@@ -1,0 +1,34 @@
+"""The README's commands work as written.
+
+Every benchmark script the README tells users to run answers `--help` when run
+exactly so (as a script, from the repository root): a script whose folder
+shadows a package or a standard module fails here before it fails a user.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT
+
+README = (ROOT / "README.md").read_text()
+SCRIPTS = sorted(set(re.findall(r"python3? ((?:bench|tools)/[\w./-]+\.py)", README)))
+MODULES = sorted(set(re.findall(r"python3? -m (bench\.\w+)", README)))
+COMMANDS = [[script] for script in SCRIPTS] + [["-m", module] for module in MODULES]
+
+
+def test_readme_names_the_benchmarks():
+    assert "bench/claims.py" in SCRIPTS and "bench/trainer.py" in SCRIPTS
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_readme_benchmark_runs_as_written(command):
+    if command[0] != "-m":
+        assert (ROOT / command[0]).is_file(), f"README runs {command[0]}, which does not exist"
+    proc = subprocess.run([PYTHON, *command, "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage" in proc.stdout.lower()
