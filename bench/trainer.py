@@ -84,7 +84,8 @@ def bench_one(family: str, V: int, args, dev: torch.device) -> dict:
         pool_ids, pool_y = build_pool(V, m["C"], t["task_kwargs"]["rho"], cfg["seeds"]["pool"], N)
         pool_s.append(time.perf_counter() - t0)
     run_seed = cfg["seeds"]["run"]
-    tokens = token_table(V, m["C"], m["n_dims"], derive_seed("tokens", run_seed)).to(dev)
+    tokens = token_table(V, m["C"], m["n_dims"], m["truncated_dims"],
+                         derive_seed("tokens", run_seed)).to(dev)
     pool_ids, pool_y = pool_ids.to(dev), pool_y.to(dev)
     batches = torch.Generator().manual_seed(derive_seed("batches", run_seed))
     torch.manual_seed(derive_seed("init", run_seed))

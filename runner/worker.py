@@ -19,6 +19,7 @@ import traceback
 
 from db import Claim, DatabaseError, JobQueue, LeaseLost
 from runner.progress import JobDisplay
+from trainer.device import BadDevice, check_device
 from trainer.files import append_log
 
 log = logging.getLogger("runner.worker")
@@ -38,24 +39,20 @@ def job_log(claim: Claim, message: str) -> None:
         log.debug("%s: cannot write its log: %s", claim.name, e)
 
 
-class BadDevice(ValueError):
-    """The requested GPU does not exist here."""
-
-
 def resolve_device(gpu: str) -> str:
     """'cpu' or a CUDA index -> a torch device string; a missing GPU is an error."""
-    import torch
-
     if gpu == "cpu":
         return "cpu"
     if not gpu.isdigit():
         raise BadDevice(f"--gpu '{gpu}': expected a GPU index (0, 1, ...) or 'cpu'")
-    if not torch.cuda.is_available():
-        raise BadDevice(f"--gpu {gpu}: no CUDA GPU is available on this machine (use --gpu cpu)")
-    if int(gpu) >= torch.cuda.device_count():
-        raise BadDevice(f"--gpu {gpu}: only {torch.cuda.device_count()} GPU(s) here")
-    torch.cuda.set_device(int(gpu))
-    return f"cuda:{gpu}"
+    try:
+        device = check_device(f"cuda:{gpu}")
+    except BadDevice as e:
+        raise BadDevice(f"--gpu {gpu}: {str(e).split(': ', 1)[1]}") from None
+    import torch
+
+    torch.cuda.set_device(device)
+    return device
 
 
 class Heartbeat:

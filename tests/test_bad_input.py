@@ -133,6 +133,13 @@ TRAINER_CASES = [
     ("trainer profile outside conf/profiles", lambda t: ["--profile", "../experiment"],
      "unknown profile"),
     ("trainer without --out", lambda t: ["--profile", "smoke", "--out"], "--out"),
+    ("config truncation wider than the tokens",
+     lambda t: config_file(t, _set("model.truncated_dims", 20)), "model.truncated_dims"),
+    ("trainer on a device that is not one", lambda t: ["--profile", "smoke", "--device", "tpu"],
+     "device 'tpu'"),
+    ("trainer on a GPU this machine lacks",
+     lambda t: ["--profile", "smoke", "--device", "cuda:7"], "device 'cuda:7'"),
+    ("trainer --threads 0", lambda t: ["--profile", "smoke", "--threads", "0"], "--threads"),
 ]
 
 

@@ -9,7 +9,7 @@ from trainer.config import ConfigError, apply_override, load_config, resolve, va
 def test_full_profile_is_the_reference_study():
     cfg = resolve("gpt2", 20, 4096, 1, "full")
     assert cfg["model"] == {"n_embd": 256, "n_layer": 12, "n_head": 8, "C": 3, "family": "gpt2",
-                            "n_dims": 20, "n_positions": 202, "V": 20}
+                            "n_dims": 20, "n_positions": 202, "V": 20, "truncated_dims": 5}
     t = cfg["training"]
     assert t["task"] == "table_connectivity"
     assert t["task_kwargs"] == {"C": 3, "rho": 0.5, "V": 20}
@@ -22,6 +22,7 @@ def test_full_profile_is_the_reference_study():
 def test_lowrank_defaults():
     cfg = resolve("lowrank_gpt2", 5, 256, 2, "full")
     assert cfg["model"]["n_dims"] == 5
+    assert cfg["model"]["truncated_dims"] == 4  # the reference's 5 zeroed nothing at width 5
     assert cfg["model"]["n_positions"] == 5 * 4 + 3
 
 
@@ -33,8 +34,10 @@ def test_seeds_differ_between_runs_and_are_stable():
 
 
 def test_override_parses_yaml_and_rejects_unknown_keys():
-    cfg = resolve("gpt2", 5, 256, 1, "smoke", ["training.train_steps=7", "model.n_dims=4"])
+    cfg = resolve("gpt2", 5, 256, 1, "smoke", ["training.train_steps=7", "model.n_dims=4",
+                                               "model.truncated_dims=3"])
     assert cfg["training"]["train_steps"] == 7 and cfg["model"]["n_dims"] == 4
+    assert cfg["model"]["truncated_dims"] == 3
     with pytest.raises(ConfigError, match="training.nope"):
         apply_override(cfg, "training.nope=1")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
@@ -51,6 +54,31 @@ def test_override_parses_yaml_and_rejects_unknown_keys():
 def test_bad_coordinates_name_the_key(args, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         resolve(*args)
+
+
+@pytest.mark.parametrize("raw", ["3e-4", "3E-4", "3.0e-4", "+3e-4", "0.0003", "3e-04"])
+def test_every_way_of_typing_a_number_is_a_number(raw, tmp_path):
+    """YAML 1.1 reads 3e-4 as a string; users type it that way."""
+    cfg = resolve("gpt2", 5, 256, 1, "smoke", [f"training.learning_rate={raw}"])
+    assert cfg["training"]["learning_rate"] == 3e-4
+    assert resolve("gpt2", 5, 256, 1, "smoke", ["training.task_kwargs.rho=5e-1"])[
+        "training"]["task_kwargs"]["rho"] == 0.5
+    cfg["training"]["learning_rate"] = "REPLACE"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg).replace("REPLACE", raw))
+    assert load_config(path)["training"]["learning_rate"] == 3e-4
+
+
+def test_strings_that_only_look_like_numbers_stay_strings():
+    with pytest.raises(ConfigError, match="model.family"):
+        resolve("gpt2", 5, 256, 1, "smoke", ["model.family=1e5x"])
+
+
+@pytest.mark.parametrize("override", ["model.truncated_dims=0", "model.truncated_dims=20",
+                                      "model.truncated_dims=2.5"])
+def test_truncated_dims_is_checked_against_the_width(override):
+    with pytest.raises(ConfigError, match=r"model\.truncated_dims"):
+        resolve("gpt2", 5, 256, 1, "smoke", [override])
 
 
 @pytest.mark.parametrize("override, key", [

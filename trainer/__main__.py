@@ -31,7 +31,9 @@ from trainer.config import FAMILIES, ConfigError, load_config, resolve
               help="Override a config key, e.g. training.train_steps=200.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-def main(config_path, family, V, N, run_index, profile, overrides, out_dir, device):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: all cores).")
+def main(config_path, family, V, N, run_index, profile, overrides, out_dir, device, threads):
     try:
         if config_path:
             config = load_config(config_path)
@@ -40,7 +42,18 @@ def main(config_path, family, V, N, run_index, profile, overrides, out_dir, devi
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
 
-    from trainer.train import run  # torch is imported only once the input is valid
+    from trainer.device import BadDevice, check_device  # torch loads once the config is valid
+
+    try:
+        device = check_device(device)
+    except BadDevice as e:
+        raise click.UsageError(str(e)) from None
+    import torch
+
+    from trainer.train import run
+
+    if threads:
+        torch.set_num_threads(threads)
 
     stop = threading.Event()
 

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 SCHEMA: dict[str, Any] = {
     "model": {
         "family": str, "n_dims": int, "n_positions": int, "n_embd": int,
-        "n_layer": int, "n_head": int, "V": int, "C": int,
+        "n_layer": int, "n_head": int, "V": int, "C": int, "truncated_dims": int,
     },
     "training": {
         "task": str,
@@ -44,6 +44,26 @@ SCHEMA: dict[str, Any] = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader, reading numbers as YAML 1.2 does: 3e-4 and 1E5 are floats.
+
+    YAML 1.1 (PyYAML's default) wants a dot and a signed exponent (3.0e-4), so
+    it reads `--set training.learning_rate=3e-4` as a string.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    """A YAML document through the safe loader, numbers as a user would type them."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+
+
 def load_yaml(path: Path) -> dict:
     """Read a YAML mapping with the safe loader; errors name the file."""
     path = Path(path)
@@ -54,7 +74,7 @@ def load_yaml(path: Path) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" (line {where.line + 1})" if where else ""
@@ -130,7 +150,7 @@ def apply_override(config: dict, item: str) -> dict:
     if not sep or not key:
         raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. training.train_steps=200")
     try:
-        value = yaml.safe_load(raw)
+        value = parse_yaml(raw)
     except yaml.YAMLError:
         raise ConfigError(f"--set '{item}': value is not valid YAML") from None
     parts = key.split(".")
@@ -193,6 +213,9 @@ def validate(config: dict) -> dict:
     for key in ("n_dims", "n_embd", "n_layer", "n_head", "V", "C"):
         require(m[key] >= 1, f"model.{key}", "must be >= 1")
     require(m["n_dims"] >= 2, "model.n_dims", "must be >= 2 (the last entry is reserved)")
+    require(1 <= m["truncated_dims"] <= m["n_dims"] - 1, "model.truncated_dims",
+            f"must be within [1, model.n_dims - 1 = {m['n_dims'] - 1}] (the last entry is "
+            "reserved)")
     require(m["n_embd"] % m["n_head"] == 0, "model.n_embd", "must be divisible by model.n_head")
     require(tk["V"] == m["V"], "training.task_kwargs.V", f"must equal model.V ({m['V']})")
     require(tk["C"] == m["C"], "training.task_kwargs.C", f"must equal model.C ({m['C']})")

@@ -139,17 +139,21 @@ def build_eval_set(
     return _blocks("eval", seed, V, C, rho, count)
 
 
-def token_table(V: int, C: int, n_dims: int, seed: int) -> torch.Tensor:
+def token_table(V: int, C: int, n_dims: int, truncated_dims: int, seed: int) -> torch.Tensor:
     """Fixed token vectors (V + V*C + 1, n_dims) for table, column and separator ids.
 
-    Table and column rows: N(0, 1) in the first ``n_dims - 1`` entries, last entry 0.
-    The separator row (last) is all zeros. Seeded from ``("tokens", seed)``.
+    Table and column rows: N(0, 1) in the first ``truncated_dims`` entries, the rest 0, as the
+    reference fed them (it drew ``n_dims - 1`` entries, zeroed ``truncated_dims .. n_dims-2``
+    and reserved the last). The separator row (last) is all zeros. Seeded from
+    ``("tokens", seed)``.
     """
-    if n_dims < 1:
-        raise ValueError(f"n_dims must be >= 1, got {n_dims}")
+    if not 1 <= truncated_dims <= n_dims - 1:
+        raise ValueError(f"truncated_dims must be within [1, n_dims - 1 = {n_dims - 1}], "
+                         f"got {truncated_dims}")
     g = torch.Generator().manual_seed(derive_seed("tokens", seed))
     table = torch.zeros(V + V * C + 1, n_dims)
-    table[: V + V * C, : n_dims - 1] = torch.randn(V + V * C, n_dims - 1, generator=g)
+    drawn = torch.randn(V + V * C, n_dims - 1, generator=g)
+    table[: V + V * C, :truncated_dims] = drawn[:, :truncated_dims]
     return table
 
 

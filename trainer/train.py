@@ -119,7 +119,8 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
     # token-vector table, and a generator of batch indices (saved in the state).
     pool_ids, pool_y = build_pool(V, C, rho, config["seeds"]["pool"], t["num_training_examples"])
     eval_ids, eval_y = build_eval_set(V, C, rho, derive_seed("eval", run_seed), e["eval_examples"])
-    tokens = token_table(V, C, m["n_dims"], derive_seed("tokens", run_seed)).to(device)
+    tokens = token_table(V, C, m["n_dims"], m["truncated_dims"],
+                         derive_seed("tokens", run_seed)).to(device)
     pool_ids, pool_y = pool_ids.to(device), pool_y.to(device)
     eval_ids, eval_y = eval_ids.to(device), eval_y.to(device)
     batches = torch.Generator().manual_seed(derive_seed("batches", run_seed))
