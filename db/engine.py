@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, exc, select, text, update
+from sqlalchemy import Engine, create_engine, event, exc, inspect, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -22,11 +22,20 @@ from sqlalchemy.types import Float
 from db.models import SCHEMA_VERSION, Base, Meta
 
 BUSY_TIMEOUT_MS = 60_000
+# Readers (status, results, ...) never wait on writers in WAL mode; if the file is
+# locked outright, they say so after this long instead of hanging for a minute.
+READ_BUSY_TIMEOUT_MS = 3_000
 
 # MIGRATIONS[k]: the SQL statements that take a schema from version k to k+1.
 # To change the schema: edit db/models.py, bump SCHEMA_VERSION, add the step here
 # (plain ALTER TABLE ... ADD COLUMN works on both backends).
-MIGRATIONS: dict[int, list[str]] = {}
+MIGRATIONS: dict[int, list[str]] = {
+    # 2: workers table (created by create_all), provenance and claim count per job.
+    1: ["ALTER TABLE jobs ADD COLUMN profile VARCHAR(64)",
+        "ALTER TABLE jobs ADD COLUMN overrides TEXT",
+        "ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",
+        "UPDATE jobs SET claims = attempts"],
+}
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre",
                        "gpfs", "ceph", "glusterfs", "fuse.glusterfs"}
 
@@ -85,12 +94,25 @@ def _filesystem_type(path: Path) -> str | None:
     return kind
 
 
-def connect(url: str, create: bool = False) -> Engine:
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def normalize_url(url: str) -> str:
+    """`url` as SQLAlchemy reads it; a plain file path means a SQLite file there."""
+    if "://" not in url and not _SCHEME.match(url):
+        return f"sqlite:///{url}"
+    return url
+
+
+def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
     """An engine for `url` with the schema in place.
 
     `create=False` refuses a SQLite file that does not exist yet, so a typo in
-    a path gives an error instead of an empty queue.
+    a path gives an error instead of an empty queue. `readonly=True` (status,
+    results, ...) creates and migrates nothing: the database must already be a
+    queue of this program's schema, and every connection refuses writes.
     """
+    url = normalize_url(url)
     try:
         parsed = make_url(url)
     except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
@@ -100,11 +122,18 @@ def connect(url: str, create: bool = False) -> Engine:
                             "or password as %40")
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        engine = _sqlite_engine(url, parsed.database, create)
+        if parsed.host:  # sqlite://tmp/x.sqlite: "tmp" is read as a host name
+            raise DatabaseError(
+                f"invalid SQLite URL '{url}': a SQLite URL has no host; write "
+                f"sqlite:///{parsed.host}/{parsed.database} (three slashes before a relative "
+                "path, four before an absolute one), or just the file's path")
+        engine = _sqlite_engine(url, parsed.database, create, readonly)
     elif backend == "postgresql":
+        args: dict = {"connect_timeout": 5 if readonly else 10}
+        if readonly:
+            args["options"] = "-c default_transaction_read_only=on"
         try:
-            engine = create_engine(url, pool_pre_ping=True,
-                                   connect_args={"connect_timeout": 10})
+            engine = create_engine(url, pool_pre_ping=True, connect_args=args)
         except Exception as e:  # driver missing, bad options
             raise DatabaseError(f"cannot use '{mask_url(url)}': {e}") from None
     else:
@@ -112,18 +141,31 @@ def connect(url: str, create: bool = False) -> Engine:
             f"unsupported database '{mask_url(url)}': use sqlite:///PATH or postgresql+psycopg://"
         )
     try:
-        _ensure_schema(engine)
+        if readonly:
+            _check_schema(engine, mask_url(url))
+        else:
+            _ensure_schema(engine)
     # The driver's own errors too: those raised on a raw connection (SQLite's PRAGMAs, e.g.
     # "file is not a database", or a folder given as the file) are not wrapped by SQLAlchemy.
     except (exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
         engine.dispose()
-        orig = getattr(e, "orig", None) or e
-        reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-        raise DatabaseError(f"cannot reach database '{mask_url(url)}': {reason}") from None
+        raise DatabaseError(f"cannot reach database '{mask_url(url)}': {describe(e)}") from None
+    except DatabaseError:
+        engine.dispose()
+        raise
     return engine
 
 
-def _sqlite_engine(url: str, database: str | None, create: bool) -> Engine:
+def describe(e: BaseException) -> str:
+    """The first line of a database error, plainly."""
+    orig = getattr(e, "orig", None) or e
+    reason = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    if "database is locked" in reason:
+        reason += " (another process holds it; retry in a moment)"
+    return reason
+
+
+def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool) -> Engine:
     if not database or database == ":memory:":
         raise DatabaseError("a SQLite queue needs a file: sqlite:///runs/queue.sqlite")
     path = Path(database)
@@ -138,24 +180,46 @@ def _sqlite_engine(url: str, database: str | None, create: bool) -> Engine:
             f"{path} is on a network filesystem ({fs}); SQLite locking is unsafe there: "
             "keep it on local disk, or use PostgreSQL for several hosts"
         )
-    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    busy_ms = READ_BUSY_TIMEOUT_MS if readonly else BUSY_TIMEOUT_MS
+    engine = create_engine(url, connect_args={"timeout": busy_ms / 1000})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, record):
         dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see below)
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA synchronous = FULL")
-        cur.execute("PRAGMA foreign_keys = ON")
+        cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        if readonly:
+            cur.execute("PRAGMA query_only = ON")  # SQLite itself refuses any write
+        else:
+            cur.execute("PRAGMA synchronous = FULL")
+            cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
         # Writers take the lock up front: no SQLITE_BUSY on read->write upgrade.
-        mode = "DEFERRED" if conn.get_execution_options().get("readonly") else "IMMEDIATE"
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        reading = readonly or conn.get_execution_options().get("readonly")
+        conn.exec_driver_sql(f"BEGIN {'DEFERRED' if reading else 'IMMEDIATE'}")
 
     return engine
+
+
+def _check_schema(engine: Engine, where: str) -> None:
+    """Refuse, without writing, a database that is not a queue of this program's schema."""
+    with engine.connect() as conn:
+        tables = set(inspect(conn).get_table_names())
+        if not {"jobs", "meta"} <= tables:
+            raise DatabaseError(f"'{where}' is not a queue database (it has no jobs table); "
+                                "plan a sweep into it first, or check --db")
+        version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+    version = int(version or 0)
+    if version > SCHEMA_VERSION:
+        raise DatabaseError(f"database schema version {version} is newer than this program's "
+                            f"({SCHEMA_VERSION}): upgrade the program")
+    if version < SCHEMA_VERSION:
+        raise DatabaseError(f"database schema version {version} is older than this program's "
+                            f"({SCHEMA_VERSION}): a writing command (plan, worker) upgrades it "
+                            "in place")
 
 
 def _ensure_schema(engine: Engine) -> None:
@@ -197,4 +261,4 @@ def _ensure_schema(engine: Engine) -> None:
 
 
 def default_url() -> str:
-    return os.environ.get("RUNNER_DB") or "sqlite:///runs/queue.sqlite"
+    return normalize_url(os.environ.get("RUNNER_DB") or "sqlite:///runs/queue.sqlite")

@@ -1,11 +1,12 @@
-"""Tables: `jobs` (one row per run; plain-sqlite3 friendly) and `events` (append-only audit)."""
+"""Tables: `jobs` (one row per run; plain-sqlite3 friendly), `workers` (one row per worker
+process) and `events` (append-only audit)."""
 
 from __future__ import annotations
 
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATES = ("pending", "running", "succeeded", "failed")
 
 
@@ -35,9 +36,13 @@ class Job(Base):
     position: Mapped[int] = mapped_column(Integer)      # the guide's order
     cost: Mapped[float] = mapped_column(Float)          # relative compute estimate
     config: Mapped[str] = mapped_column(Text)           # resolved config, JSON
-    out_dir: Mapped[str] = mapped_column(Text)
-    # Progress and ownership.
+    out_dir: Mapped[str] = mapped_column(Text)          # absolute
+    profile: Mapped[str | None] = mapped_column(String(64))  # as planned, with --set overrides:
+    overrides: Mapped[str | None] = mapped_column(Text)      # JSON list of "key=value"
+    # Progress and ownership. `attempts` counts against max_attempts (a graceful
+    # hand-back gives its attempt back); `claims` counts every claim ever.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claims: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int] = mapped_column(Integer)
@@ -59,6 +64,25 @@ class Job(Base):
     traceback: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (Index("ix_jobs_state_position", "state", "position"),)
+
+
+class Worker(Base):
+    """A worker process: who it is, where, and when it was last seen (database clock)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)   # host:gpu:pid
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    # The process's identity beyond its pid (boot id and start time), so a pid
+    # reused after a restart or reboot is not taken for the worker.
+    process: Mapped[str | None] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(64))
+    lease_seconds: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16))      # idle busy exited
+    job: Mapped[str | None] = mapped_column(String(200))
+    started_at: Mapped[float] = mapped_column(Float)
+    seen_at: Mapped[float] = mapped_column(Float)
 
 
 class Event(Base):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import create_engine, text, update
 
 from db import DatabaseError, JobQueue, connect, mask_url
 from db import engine as engine_module
 from db.models import Meta
 from tests.conftest import PYTHON, ROOT
+from tests.test_queue import rows
 
 
 def test_many_processes_creating_the_schema_at_once(db_url):
@@ -31,15 +32,48 @@ def test_a_newer_schema_is_refused(queue, db_url):
         connect(db_url)
 
 
-def test_an_older_schema_is_migrated_in_place(queue, db_url, monkeypatch):
-    monkeypatch.setattr(engine_module, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(engine_module.MIGRATIONS, 1, ["ALTER TABLE jobs ADD COLUMN note TEXT"])
+def make_version_1(queue) -> None:
+    """Turn a fresh queue into one as version 1 of the schema left it, with one job."""
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    with queue.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET attempts = 2"))
+        for column in ("profile", "overrides", "claims"):
+            conn.execute(text(f"ALTER TABLE jobs DROP COLUMN {column}"))
+        conn.execute(text("DROP TABLE workers"))
+        conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="1"))
+
+
+def test_a_version_1_queue_is_migrated_in_place_keeping_its_rows(queue, db_url):
+    make_version_1(queue)
     engine = connect(db_url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT count(note) FROM jobs")).scalar() == 0
+        row = conn.execute(text("SELECT name, attempts, claims, profile FROM jobs")).one()
+        assert tuple(row) == ("table_connectivity_standard_V5_N256_run1", 2, 2, None)
+        assert conn.execute(text("SELECT count(*) FROM workers")).scalar() == 0
         version = conn.execute(text("SELECT value FROM meta WHERE key='schema_version'"))
         assert version.scalar() == "2"
+    assert JobQueue(engine).claim("w", 60).attempt == 3  # claims go on counting
     engine.dispose()
+
+
+def test_a_read_only_open_neither_creates_nor_migrates(queue, db_url):
+    make_version_1(queue)
+    with pytest.raises(DatabaseError, match="version 1 is older"):
+        connect(db_url, readonly=True)
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT value FROM meta WHERE key='schema_version'")
+                            ).scalar() == "1"
+    engine.dispose()
+
+
+def test_a_read_only_open_refuses_writes(queue, db_url):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    reader = JobQueue(connect(db_url, readonly=True))
+    assert reader.counts()["pending"] == 1
+    with pytest.raises(DatabaseError, match="read-only|readonly"):
+        reader.plan(rows("V=5", "N=512", "model=gpt2", "run=1"))
+    reader.engine.dispose()
 
 
 def test_sqlite_is_configured_for_many_processes(tmp_path):
