@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import itertools
 import re
+import tempfile
 from pathlib import Path
 
-from trainer.config import FAMILIES, ConfigError, load_yaml, resolve
+from trainer.config import CONF_DIR, FAMILIES, ConfigError, load_yaml, resolve
 from trainer.seeds import seq_len
 
 AXES = ("V", "N", "model", "run")  # nesting order = the guide's claim order
 SWEEP_KEYS = {"study", "profile", "max_attempts", "grid", "models"}
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DEFAULT_SWEEP = CONF_DIR / "sweep.yaml"
 
 
 class SweepError(ValueError):
@@ -89,9 +91,14 @@ def parse_only(items: tuple[str, ...] | list[str], sweep: dict) -> dict[str, set
 
 def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[str],
              out_root: str) -> list[dict]:
-    """Every selected job of the sweep, resolved, in the guide's order."""
+    """Every selected job of the sweep, resolved, in the guide's order.
+
+    Folders are absolute (`out_root` resolved against the planner's working
+    directory), so workers and tools started anywhere find the same files.
+    """
     rows = []
     grid = sweep["grid"]
+    root = Path(out_root).expanduser().resolve()
     for position, (V, N, family, run) in enumerate(itertools.product(*(grid[a] for a in AXES))):
         coords = {"V": V, "N": N, "model": family, "run": run}
         if any(coords[k] not in values for k, values in only.items()):
@@ -103,10 +110,16 @@ def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[st
         rows.append({
             "name": name, "v": V, "n": N, "model": family, "run": run, "position": position,
             "cost": estimate_cost(config), "config": config,
-            "out_dir": str(Path(out_root) / names["folder"] / name),
+            "out_dir": str(root / names["folder"] / name),
             "total_steps": t["train_steps"], "max_attempts": sweep["max_attempts"],
+            "profile": profile, "overrides": list(overrides),
         })
     return rows
+
+
+def study_config(job: dict) -> dict:
+    """The config this job would have in the study as run: full profile, no overrides."""
+    return resolve(job["model"], job["v"], job["n"], job["run"], "full")
 
 
 def estimate_cost(config: dict) -> float:
@@ -117,7 +130,20 @@ def estimate_cost(config: dict) -> float:
 
 
 def check_out_root(out_root: str) -> None:
+    """Refuse a runs folder that jobs could not write into, before anything is planned."""
     if not out_root or "\0" in out_root:
         raise SweepError("--out-root must be a folder path")
     if ".." in Path(out_root).parts:
         raise SweepError(f"--out-root '{out_root}': '..' is not allowed")
+    path = Path(out_root).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise SweepError(f"--out-root '{out_root}' {what}: give a folder")
+    # Try to make a folder there: permissions, read-only and pseudo filesystems, all at once.
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".plan-probe-", dir=existing))
+    except OSError as e:
+        raise SweepError(f"--out-root '{out_root}': cannot create folders in {existing}: "
+                         f"{e.strerror or e}") from None
+    probe.rmdir()
