@@ -7,7 +7,9 @@ before anything is written.
 
 from __future__ import annotations
 
+import collections
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,16 +27,18 @@ class BadInput(click.ClickException):
     exit_code = EXIT_BAD_INPUT
 
 
-def open_queue(ctx: click.Context, create: bool = False) -> JobQueue:
+def open_queue(ctx: click.Context, create: bool = False, readonly: bool = False) -> JobQueue:
+    """The queue; `readonly` for commands that only look (they never create or migrate)."""
     try:
-        return JobQueue(connect(ctx.obj["db"], create=create))
+        return JobQueue(connect(ctx.obj["db"], create=create, readonly=readonly))
     except DatabaseError as e:
         raise BadInput(str(e)) from None
 
 
-@click.group()
+@click.group(invoke_without_command=True)
 @click.option("--db", envvar="RUNNER_DB", default=None, metavar="URL",
               help="Queue database; else $RUNNER_DB, else sqlite:///runs/queue.sqlite. "
+                   "A plain file path means a SQLite file there. "
                    "postgresql+psycopg://user:pass@host/db for several hosts.")
 @click.pass_context
 def cli(ctx: click.Context, db: str | None) -> None:
@@ -54,11 +58,13 @@ def cli(ctx: click.Context, db: str | None) -> None:
     ctx.obj = {"db": db or default_url()}
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
 
 
 @cli.command()
-@click.option("--sweep", "sweep_path", default="conf/sweep.yaml", show_default=True,
-              type=click.Path(dir_okay=False), help="Sweep file (grid, names, folders).")
+@click.option("--sweep", "sweep_path", default=None, type=click.Path(dir_okay=False),
+              help="Sweep file (grid, names, folders) [default: the study's conf/sweep.yaml].")
 @click.option("--profile", default=None, help="full | smoke | small (default: the sweep's).")
 @click.option("--only", multiple=True, metavar="KEY=VALUE",
               help="Restrict the grid: V=20, N=256, model=lowrank_gpt2, run=1 (repeatable).")
@@ -67,14 +73,31 @@ def cli(ctx: click.Context, db: str | None) -> None:
 @click.option("--out-root", default="runs", show_default=True,
               help="Where the jobs' folders go.")
 @click.option("--dry-run", is_flag=True, help="Report what would be planned; write nothing.")
+@click.option("--replace", is_flag=True,
+              help="Apply changed configs to queued jobs that are not running: each goes back "
+                   "to pending with the new config, its old folder moved aside "
+                   "(<folder>.replaced-<time>), never deleted.")
 @click.pass_context
-def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run):
-    """Insert the sweep's missing jobs into the queue (never duplicates)."""
-    from runner.planner import SweepError, check_out_root, job_rows, load_sweep, parse_only
+def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run, replace):
+    """Insert the sweep's missing jobs into the queue (never duplicates).
+
+    A job already queued with another config (or folder) is left alone and
+    reported with the keys that differ; nothing is planned then, and the
+    exit status is 2. Add --replace to apply the change.
+    """
+    from runner.folders import move_aside
+    from runner.planner import (
+        DEFAULT_SWEEP,
+        SweepError,
+        check_out_root,
+        job_rows,
+        load_sweep,
+        parse_only,
+    )
     from trainer.config import ConfigError
 
     try:
-        sweep = load_sweep(Path(sweep_path))
+        sweep = load_sweep(Path(sweep_path) if sweep_path else DEFAULT_SWEEP)
         check_out_root(out_root)
         rows = job_rows(sweep, profile or sweep.get("profile", "full"),
                         parse_only(only, sweep), list(overrides), out_root)
@@ -82,18 +105,49 @@ def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run):
         raise BadInput(str(e)) from None
     try:
         queue = JobQueue(connect(ctx.obj["db"], create=not dry_run))
-        report = queue.plan(rows, dry_run=dry_run)
+        if not replace and not dry_run and queue.plan(rows, dry_run=True).changed:
+            dry_run_only = True  # refuse the whole plan: report below, write nothing
+        else:
+            dry_run_only = dry_run
+        report = queue.plan(rows, dry_run=dry_run_only, replace=replace, move_aside=move_aside)
     except NoQueue:  # a dry run against a queue not created yet: all would be new
         report = PlanReport(new=[row["name"] for row in rows])
     except DatabaseError as e:
         raise BadInput(str(e)) from None
+    except OSError as e:  # an old folder could not be moved aside: nothing was changed
+        raise BadInput(f"cannot move a replaced job's folder aside: {e}") from None
+    if report.changed and not replace:
+        raise BadInput(f"{changed_summary(report.changed)}; nothing planned. To apply the "
+                       f"change (old folders are moved aside, never deleted): "
+                       f"{replan_command()}")
     verb = "would plan" if dry_run else "planned"
     click.echo(f"{verb} {len(rows)} jobs: {len(report.new)} new, "
                f"{len(report.existing)} already queued"
-               + (f", {len(report.changed)} changed" if report.changed else ""))
-    for name in report.changed:
-        click.echo(f"warning: {name} is queued with a different config; kept as queued "
-                   "(requeue or use a new --out-root/study to change it)", err=True)
+               + (f", {len(report.replaced)} replaced" if report.replaced else ""))
+    if report.replaced:
+        click.echo(f"{changed_summary({n: report.changed[n] for n in report.replaced})}: "
+                   f"{'would be' if dry_run else 'now'} pending with the new config, old "
+                   "folders moved aside to <folder>.replaced-<time>", err=True)
+    if report.running:
+        click.echo(f"warning: {len(report.running)} changed job(s) are running and were left "
+                   f"as they are: {', '.join(report.running[:3])}"
+                   + (", ..." if len(report.running) > 3 else "")
+                   + "; run plan --replace again once they are done", err=True)
+
+
+def changed_summary(changed: dict[str, list[str]], limit: int = 4) -> str:
+    """One line: how many jobs differ, and in which keys (most common first)."""
+    counts = collections.Counter(change for changes in changed.values() for change in changes)
+    shown = [f"{change}" + (f" ({n} jobs)" if n != len(changed) else "")
+             for change, n in counts.most_common(limit)]
+    more = f" and {len(counts) - limit} more difference(s)" if len(counts) > limit else ""
+    return (f"{len(changed)} job(s) are queued with a different config: "
+            + "; ".join(shown) + more)
+
+
+def replan_command() -> str:
+    """This very command line, with --replace."""
+    return shlex.join(["python", "-m", "runner", *sys.argv[1:], "--replace"])
 
 
 @cli.command()
@@ -126,7 +180,13 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every):
     except BadDevice as e:
         raise BadInput(str(e)) from None
     w.install_signal_handlers()
-    w.run(max_jobs=max_jobs, wait=wait)
+    try:
+        w.run(max_jobs=max_jobs, wait=wait)
+    except DatabaseError as e:
+        raise click.ClickException(str(e)) from None
+    if w.all_failed:
+        raise click.ClickException(f"every job this worker ran failed ({len(w.outcomes)}); "
+                                   "see `python -m runner status`")
 
 
 @cli.command()
@@ -136,24 +196,24 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every):
               help="Redraw every SECONDS (default 5) until Ctrl-C.")
 @click.pass_context
 def status(ctx, as_json, watch):
-    """Counts by state, sweep progress and ETA, running jobs, failed jobs.
+    """Counts by state, sweep progress and ETA, workers, running jobs, failed jobs.
 
-    The ETA comes from the step rates measured so far (see runner/progress.py)
-    and the number of live workers.
+    The ETA comes from the step rates measured so far and the number of live
+    workers. A running job whose heartbeat is older than its lease, or whose
+    worker on this host is gone, is marked stale: another worker may take it.
     """
-    from runner.status import attempt_starts, status_json, status_text
+    from runner.status import snapshot, status_json, status_text
 
     if watch is not None and as_json:
         raise BadInput("--watch redraws the table; for scripts, poll status --json instead")
-    queue = open_queue(ctx)
+    queue = open_queue(ctx, readonly=True)
     cache: dict = {}
 
     def report() -> str:
-        counts, jobs = queue.counts(), queue.jobs()
-        starts = attempt_starts(queue, jobs, cache)
+        snap = snapshot(queue, cache)
         if as_json:
-            return status_json(counts, jobs, starts)
-        return status_text(counts, jobs, mask_url(ctx.obj["db"]), starts)
+            return status_json(snap)
+        return status_text(snap, mask_url(ctx.obj["db"]))
 
     if watch is None:
         click.echo(report())
@@ -171,13 +231,20 @@ def status(ctx, as_json, watch):
 
 @cli.command()
 @click.option("--failed", is_flag=True, help="Every failed job.")
-@click.option("--name", "names", multiple=True, metavar="NAME", help="A job by name (repeatable).")
+@click.option("--name", "names", multiple=True, metavar="NAME",
+              help="A job by name, or any part of it that matches one job (repeatable).")
 @click.pass_context
 def requeue(ctx, failed, names):
-    """Put failed (or named) jobs back to pending; they resume from their checkpoint."""
+    """Put failed (or named) jobs back to pending; they resume from their checkpoint.
+
+    A named running job is requeued only once its worker has gone silent for
+    longer than its lease.
+    """
     if not failed and not names:
         raise BadInput("say which jobs: --failed and/or --name NAME")
     queue = open_queue(ctx)
+    jobs = queue.jobs() if names else []
+    names = [find_job(jobs, name)["name"] for name in names]
     try:
         done = queue.requeue(list(names), failed=failed)
     except ValueError as e:
@@ -186,19 +253,23 @@ def requeue(ctx, failed, names):
 
 
 @cli.command()
-@click.option("--json", "fmt", flag_value="json", help="JSON: rows and notes.")
-@click.option("--csv", "fmt", flag_value="csv", help="CSV: one line per row, fractions.")
+@click.option("--json", "as_json", is_flag=True, help="JSON: what was run, rows and notes.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV: one line per row, fractions.")
 @click.pass_context
-def results(ctx, fmt):
+def results(ctx, as_json, as_csv):
     """Test accuracy per (V, model, N): mean ± std over runs, min–max, majority rate.
 
     Finished runs are the jobs succeeded in the database; each one's metrics
     are read from its folder's eval.json, which wins if the database disagrees
-    (noted on stderr, and under "notes" in --json).
+    (noted on stderr, and under "notes" in --json). The header says what was
+    run: profile, steps, model size and --set overrides.
     """
     from runner.results import aggregate, to_csv, to_json, to_text
 
-    res = aggregate(open_queue(ctx).jobs())
+    if as_json and as_csv:
+        raise BadInput("--json and --csv: choose one output format")
+    fmt = "json" if as_json else "csv" if as_csv else None
+    res = aggregate(open_queue(ctx, readonly=True).jobs())
     click.echo({"json": to_json, "csv": to_csv}.get(fmt, to_text)(res), nl=fmt != "csv")
     if fmt != "json":
         for note in res.notes:
@@ -218,7 +289,7 @@ def plot(ctx, out, curves_dir):
 
     if not out.lower().endswith(".png"):
         raise BadInput(f"--out '{out}': the figure is written as PNG; name it *.png")
-    jobs = open_queue(ctx).jobs()
+    jobs = open_queue(ctx, readonly=True).jobs()
     res = aggregate(jobs)
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
@@ -245,7 +316,7 @@ def logs(ctx, name, follow):
     """
     from trainer.files import LOG_FILE
 
-    queue = open_queue(ctx)
+    queue = open_queue(ctx, readonly=True)
     job = find_job(queue.jobs(), name)
     path = Path(job["out_dir"]) / LOG_FILE
     if not follow:
@@ -309,6 +380,6 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
-    except DatabaseError as e:
+    except DatabaseError as e:  # the database went away after it was opened
         click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_BAD_INPUT)

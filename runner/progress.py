@@ -42,18 +42,17 @@ def bar(fraction: float, width: int = 12) -> str:
 def attempt_rate(job: dict, start_step: int | None) -> float | None:
     """Steps per second of the job's current (or last) attempt, or None if unmeasured.
 
-    Running: steps done since the claim / seconds from the claim to the last
-    progress write. Succeeded: the attempt's steps / seconds from claim to finish.
-    Both include the attempt's start-up (data, model), so short jobs read slower.
+    Succeeded: the attempt's steps / seconds from claim to finish. Otherwise
+    (running, or an attempt that was handed back or failed): steps done since
+    the claim / seconds from the claim to its last progress write. Both include
+    the attempt's start-up (data, model), so short jobs read slower.
     """
     if start_step is None or job["claimed_at"] is None:
         return None
-    if job["state"] == "running":
-        steps, end = job["step"] - start_step, job["progress_at"]
-    elif job["state"] == "succeeded":
+    if job["state"] == "succeeded":
         steps, end = job["total_steps"] - start_step, job["finished_at"]
     else:
-        return None
+        steps, end = job["step"] - start_step, job["progress_at"]
     if end is None or steps <= 0 or end <= job["claimed_at"]:
         return None
     return steps / (end - job["claimed_at"])
@@ -66,7 +65,8 @@ def live_workers(jobs: list[dict]) -> set[str]:
             and j["heartbeat_age"] <= (j["lease_seconds"] or 60)}
 
 
-def sweep_progress(jobs: list[dict], starts: dict[int, int]) -> dict:
+def sweep_progress(jobs: list[dict], starts: dict[int, int],
+                   workers_alive: int | None = None) -> dict:
     """Steps done, per-job rates and ETAs, and the sweep's ETA.
 
     The ETA, kept simple on purpose:
@@ -78,7 +78,9 @@ def sweep_progress(jobs: list[dict], starts: dict[int, int]) -> dict:
         measured jobs, scaled by the planner's per-step compute estimate
         (`cost / total_steps`);
       * the sweep's ETA is the summed seconds left divided by the number of live
-        workers, i.e. assuming they keep working in parallel at the rates seen.
+        workers (`workers_alive`, from the worker registry; else the workers of
+        running jobs with a fresh heartbeat), assuming they keep working in
+        parallel at the rates seen.
     None (shown "unknown") when no rate has been measured or no worker is alive.
     """
     rates = {j["id"]: attempt_rate(j, starts.get(j["id"])) for j in jobs}
@@ -102,9 +104,9 @@ def sweep_progress(jobs: list[dict], starts: dict[int, int]) -> dict:
             continue
         steps_left = max(0, j["total_steps"] - j["step"])
         seconds += steps_left / rate
-        if j["state"] == "running":
+        if j["state"] == "running" and not j.get("stale"):
             job_eta[j["id"]] = steps_left / rate
-    workers = len(live_workers(jobs))
+    workers = len(live_workers(jobs)) if workers_alive is None else workers_alive
     done = sum(j["total_steps"] if j["state"] == "succeeded" else min(j["step"], j["total_steps"])
                for j in jobs)
     total = sum(j["total_steps"] for j in jobs)
@@ -116,19 +118,25 @@ def sweep_progress(jobs: list[dict], starts: dict[int, int]) -> dict:
         eta = seconds / workers
     return {"steps_done": done, "steps_total": total, "jobs_left": len(left),
             "live_workers": workers, "work_seconds_left": None if unknown else seconds,
-            "eta_seconds": eta, "rates": rates, "job_eta": job_eta}
+            "eta_seconds": eta, "rates": rates, "job_eta": job_eta,
+            "rates_measured": sum(1 for r in rates.values() if r)}
 
 
 def _cost_per_step(job: dict) -> float:
     return (job.get("cost") or 0.0) / job["total_steps"] if job["total_steps"] else 0.0
 
 
-def eta_line(p: dict) -> str:
+def eta_line(p: dict, counts: dict[str, int]) -> str:
     frac = p["steps_done"] / p["steps_total"] if p["steps_total"] else 0.0
     head = f"progress {p['steps_done']}/{p['steps_total']} steps ({100 * frac:.1f}%)"
     if not p["jobs_left"]:
+        if counts.get("failed"):
+            return (head + f", nothing left to run but {counts['failed']} job(s) failed: "
+                    "see below, then requeue --failed")
         return head + ", sweep finished"
     if p["work_seconds_left"] is None:
+        if p["rates_measured"]:
+            return head + ", ETA unknown (no step-cost estimate for some jobs)"
         return head + ", ETA unknown (no step rate measured yet)"
     work = f"{duration(p['work_seconds_left'])} of work left for one worker"
     if not p["live_workers"]:

@@ -1,18 +1,21 @@
-"""The status report: counts, sweep progress and ETA, running jobs, failed jobs."""
+"""The status report: counts, sweep progress and ETA, workers, running jobs, failed jobs."""
 
 from __future__ import annotations
 
 import json
 
+from db.queue import worker_host
+from runner.liveness import HOST, dead_reason
 from runner.progress import bar, duration, eta_line, sweep_progress
 
 JOB_FIELDS = ("name", "state", "v", "n", "model", "run", "attempts", "step", "total_steps",
               "loss", "worker", "heartbeat_age", "test_accuracy", "balanced_accuracy",
               "majority_rate", "error", "out_dir")
+WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive")
 
 
 def attempt_starts(queue, jobs: list[dict], cache: dict | None = None) -> dict[int, int]:
-    """The step each running or succeeded job's latest attempt started from.
+    """The step each job's latest attempt started from (jobs claimed at least once).
 
     Read from the job's last `claim` event (one small query per job). An
     attempt's start never changes, so `cache`, keyed by (job id, claimed_at)
@@ -21,7 +24,7 @@ def attempt_starts(queue, jobs: list[dict], cache: dict | None = None) -> dict[i
     cache = {} if cache is None else cache
     starts = {}
     for job in jobs:
-        if job["state"] not in ("running", "succeeded") or job["claimed_at"] is None:
+        if job["claimed_at"] is None:
             continue
         key = (job["id"], job["claimed_at"])
         if key not in cache:
@@ -32,18 +35,48 @@ def attempt_starts(queue, jobs: list[dict], cache: dict | None = None) -> dict[i
     return starts
 
 
-def status_json(counts: dict, jobs: list[dict], starts: dict[int, int] | None = None) -> str:
-    p = sweep_progress(jobs, starts or {})
-    out = []
+def stale_reason(job: dict, processes: dict[str, str | None]) -> str | None:
+    """Why a running job's worker looks gone: silent past its lease, or dead on this host."""
+    if job["state"] != "running":
+        return None
+    if worker_host(job["worker"]) == HOST:
+        reason = dead_reason(job["worker"], processes.get(job["worker"]))
+        if reason:
+            return f"worker dead: {reason}"
+    age, lease = job["heartbeat_age"], job["lease_seconds"]
+    if age is not None and lease is not None and age > lease:
+        return f"no heartbeat for {duration(age)} (lease {duration(lease)})"
+    return None
+
+
+def snapshot(queue, cache: dict | None = None) -> dict:
+    """Everything a status report shows, read once."""
+    counts, jobs, workers = queue.counts(), queue.jobs(), queue.workers()
+    processes = {w["name"]: w["process"] for w in workers}
     for job in jobs:
+        job["stale"] = stale_reason(job, processes)
+    starts = attempt_starts(queue, jobs, cache)
+    live = [w for w in workers if w["alive"]]
+    return {"counts": counts, "jobs": jobs, "workers": workers,
+            "progress": sweep_progress(jobs, starts, workers_alive=len(live))}
+
+
+def status_json(snap: dict) -> str:
+    p = snap["progress"]
+    out = []
+    for job in snap["jobs"]:
         row = {k: job[k] for k in JOB_FIELDS}
         if job["state"] == "running":
+            row["stale"] = job["stale"]
             row["steps_per_second"] = p["rates"].get(job["id"])
             row["eta_seconds"] = p["job_eta"].get(job["id"])
         out.append(row)
     progress = {k: p[k] for k in ("steps_done", "steps_total", "jobs_left", "live_workers",
                                   "work_seconds_left", "eta_seconds")}
-    return json.dumps({"counts": counts, "progress": progress, "jobs": out}, indent=2)
+    workers = [{k: w[k] for k in WORKER_FIELDS} for w in snap["workers"]
+               if w["state"] != "exited"]
+    return json.dumps({"counts": snap["counts"], "progress": progress, "workers": workers,
+                       "jobs": out}, indent=2)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -55,14 +88,18 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def status_text(counts: dict, jobs: list[dict], where: str,
-                starts: dict[int, int] | None = None) -> str:
+def status_text(snap: dict, where: str) -> str:
+    counts, jobs, p = snap["counts"], snap["jobs"], snap["progress"]
     total = sum(counts.values())
     out = [f"queue {where}: {total} jobs  "
            + "  ".join(f"{state} {count}" for state, count in counts.items())]
-    p = sweep_progress(jobs, starts or {})
     if total:
-        out.append(eta_line(p))
+        out.append(eta_line(p, counts))
+    live = [w for w in snap["workers"] if w["alive"]]
+    if live:
+        idle = [w["name"] for w in live if w["state"] != "busy"]
+        out.append(f"workers: {len(live)} live" + (f" ({len(idle)} idle: "
+                                                   + ", ".join(idle[:4]) + ")" if idle else ""))
     running = [j for j in jobs if j["state"] == "running"]
     if running:
         rows = []
@@ -71,12 +108,15 @@ def status_text(counts: dict, jobs: list[dict], where: str,
             loss = "-" if j["loss"] is None else f"{j['loss']:.4f}"
             rate = p["rates"].get(j["id"])
             age = "-" if j["heartbeat_age"] is None else f"{j['heartbeat_age']:.0f}s"
+            eta = f"STALE: {j['stale']}" if j["stale"] else duration(p["job_eta"].get(j["id"]))
             rows.append([j["name"], j["worker"] or "-",
                          f"{bar(frac)} {100 * frac:3.0f}% {j['step']}/{j['total_steps']}", loss,
-                         "-" if rate is None else f"{rate:.2f}",
-                         duration(p["job_eta"].get(j["id"])), age])
+                         "-" if rate is None else f"{rate:.2f}", age, eta])
         out += ["", "running:", *_table(["name", "worker (host:gpu:pid)", "progress", "loss",
-                                         "steps/s", "ETA", "heartbeat"], rows)]
+                                         "steps/s", "heartbeat", "ETA"], rows)]
+        if any(j["stale"] for j in running):
+            out.append("stale jobs are taken over by the next worker that looks for work "
+                       "(at once on their own host), or: requeue --name NAME")
     failed = [j for j in jobs if j["state"] == "failed"]
     if failed:
         rows = [[j["name"], str(j["attempts"]), (j["error"] or "").splitlines()[0][:100]

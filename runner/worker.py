@@ -1,8 +1,10 @@
-"""The worker loop: claim -> heartbeat -> train in-process -> finish / fail / release.
+"""The worker loop: reclaim dead -> claim -> heartbeat -> train in-process -> finish / fail /
+release.
 
 One worker per GPU. SIGTERM or Ctrl-C asks the trainer to checkpoint and
 stop; the job goes back to pending and the worker exits 0. A second Ctrl-C
-exits at once: the lease then expires and another worker resumes the job.
+exits at once: the lease then expires (or a worker started on the same host
+sees the process gone) and another worker resumes the job.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import gc
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import traceback
 
 from db import Claim, DatabaseError, JobQueue, LeaseLost
-from runner.progress import JobDisplay
+from runner.liveness import HOST, dead_reason, process_token
+from runner.progress import JobDisplay, duration
 from trainer.device import BadDevice, check_device
 from trainer.files import append_log
 
@@ -102,9 +104,10 @@ class Worker:
             import torch
 
             torch.set_num_threads(threads)
-        self.name = f"{socket.gethostname()}:{gpu}:{os.getpid()}"
+        self.name = f"{HOST}:{gpu}:{os.getpid()}"
         self.stopping = threading.Event()
         self.stop_job = threading.Event()
+        self.outcomes: list[str] = []  # per job run: completed, stopped, failed, lost
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum, frame):
@@ -124,21 +127,51 @@ class Worker:
         # lease, never between a claim and its first heartbeat.
         import trainer.train  # noqa: F401
 
+        self.queue.register_worker(self.name, HOST, os.getpid(), process_token(os.getpid()),
+                                   self.device, self.lease)
         log.info("worker %s on %s, lease %gs", self.name, self.device, self.lease)
-        ran = 0
-        while not self.stopping.is_set() and (max_jobs is None or ran < max_jobs):
-            claim = self.queue.claim(self.name, self.lease, self.order)
-            if claim is None:
-                if not wait:
-                    log.info("nothing left to claim; %d job(s) run by this worker", ran)
-                    break
-                self.stopping.wait(poll)
-                continue
-            self.run_job(claim)
-            ran += 1
-        return ran
+        waiting_for = None
+        try:
+            self.reclaim_dead()
+            while not self.stopping.is_set() and (max_jobs is None or len(self.outcomes)
+                                                  < max_jobs):
+                claim = self.queue.claim(self.name, self.lease, self.order)
+                if claim is None and self.reclaim_dead():
+                    continue
+                if claim is None:
+                    held = self.queue.held_elsewhere(self.name)
+                    if not wait:
+                        log.info("nothing left to claim%s; %d job(s) run by this worker",
+                                 held_message(held, waiting=False), len(self.outcomes))
+                        break
+                    if [h["name"] for h in held] != waiting_for:
+                        waiting_for = [h["name"] for h in held]
+                        log.info("waiting for work%s", held_message(held, waiting=True))
+                    self.queue.worker_seen(self.name)
+                    self.stopping.wait(poll)
+                    continue
+                waiting_for = None
+                self.outcomes.append(self.run_job(claim))
+                self.queue.worker_seen(self.name)
+        finally:
+            with contextlib.suppress(DatabaseError):
+                self.queue.worker_seen(self.name, "exited")
+        return len(self.outcomes)
 
-    def run_job(self, claim: Claim) -> None:
+    @property
+    def all_failed(self) -> bool:
+        """Every job this worker ran failed (it ran at least one)."""
+        return bool(self.outcomes) and all(o == "failed" for o in self.outcomes)
+
+    def reclaim_dead(self) -> list[str]:
+        """Jobs of dead workers on this host go back to pending now, not after their lease."""
+        names = self.queue.reclaim_dead(HOST, dead_reason, by=self.name)
+        for name in names:
+            log.warning("%s: its worker on this host is dead; job reclaimed (resumes from its "
+                        "checkpoint)", name)
+        return names
+
+    def run_job(self, claim: Claim) -> str:
         from trainer.train import FolderBusy, run  # torch loads only in workers
 
         self.stop_job.clear()
@@ -180,21 +213,26 @@ class Worker:
                         + "".join(traceback.format_exception(e)))
             finally:
                 display.close()
+        outcome = "lost"
         try:
             if beat.lost.is_set():
                 pass  # fenced out: another worker owns the job now
             elif result is None and isinstance(error, FolderBusy):
                 self.queue.release(claim, claim.step)
+                outcome = "stopped"
                 self.stopping.wait(self.lease / 4)  # let the other holder finish
             elif result is None:
                 self.queue.fail(claim, f"{type(error).__name__}: {error}",
                                 "".join(traceback.format_exception(error)))
+                outcome = "failed"
             elif result.outcome == "completed":
                 self.queue.finish(claim, result.metrics)
+                outcome = "completed"
                 log.info("%s: succeeded, test accuracy %.4f", claim.name,
                          result.metrics["accuracy"])
             else:
                 self.queue.release(claim, result.step)
+                outcome = "stopped"
                 log.info("%s: back to pending at step %d", claim.name, result.step)
                 job_log(claim, f"job back to pending at step {result.step}")
         except LeaseLost as e:
@@ -203,6 +241,7 @@ class Worker:
         finally:
             result = error = None
             self._free_memory()
+        return outcome
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -210,6 +249,16 @@ class Worker:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def held_message(held: list[dict], waiting: bool) -> str:
+    """': 3 jobs held by other workers; earliest lease expiry in 42s (NAME, WORKER); ...'."""
+    if not held:
+        return ""
+    first = min(held, key=lambda h: h["expires_in"])
+    text = (f": {len(held)} job(s) held by other workers; earliest lease expiry in "
+            f"{duration(first['expires_in'])} ({first['name']}, worker {first['worker']})")
+    return text if waiting else text + "; use --wait to wait for them"
 
 
 def _logs_around(display: JobDisplay):

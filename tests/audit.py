@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 
-ENDS = {"release", "finish", "fail", "expire"}
+ENDS = {"release", "finish", "fail", "expire", "reclaim"}
 
 
 def lease_violations(events: list[dict]) -> list[str]:

@@ -124,6 +124,8 @@ def test_sigterm_puts_the_job_back_and_exits_0(db_url, tmp_path):
     assert again.returncode == 0, err[-2000:]
     (job,) = queue.jobs()
     assert job["state"] == "succeeded"
+    log = (Path(job["out_dir"]) / ckpt.LOG_FILE).read_text()
+    assert log.count("=== attempt 1 by worker") == 1 and log.count("=== attempt 2 by worker") == 1
     same_result_as_uninterrupted(job, tmp_path)
 
 
@@ -153,3 +155,95 @@ def test_status_json_matches_the_contract(db_url, tmp_path):
                 "error", "out_dir"):
         assert key in job
     assert job["name"] == "table_connectivity_standard_V5_N256_run1"
+
+
+def test_a_dead_workers_job_is_taken_at_once_by_a_worker_on_its_host(db_url, tmp_path):
+    queue = long_job(db_url, tmp_path)
+    victim = start_worker(db_url, "--lease", "600")
+    wait_for(lambda: queue.jobs()[0]["step"] >= 60, what="progress")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    started = time.monotonic()
+    heir = start_worker(db_url, "--lease", "600")
+    wait_for(lambda: queue.jobs()[0]["worker"].endswith(f":cpu:{heir.pid}"), timeout=60,
+             what="the heir's claim")
+    assert time.monotonic() - started < 10  # not after the 600 s lease
+    _, err = heir.communicate(timeout=300)
+    assert heir.returncode == 0, err[-2000:]
+    assert f"process {victim.pid} is gone" in err
+    (job,) = queue.jobs()
+    assert (job["state"], job["attempts"]) == ("succeeded", 2)
+    (reclaim,) = [e for e in queue.events() if e["kind"] == "reclaim"]
+    assert reclaim["worker"].endswith(f":cpu:{victim.pid}")
+    assert json.loads(reclaim["detail"])["reason"] == f"its process {victim.pid} is gone"
+    assert lease_violations(queue.events()) == []
+    same_result_as_uninterrupted(job, tmp_path)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_held_jobs_are_named_and_stale_ones_marked(db_url, tmp_path):
+    from runner.liveness import HOST
+
+    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2")
+    queue.claim("elsewhere:0:4242", 600)                 # another host: waits for its lease
+    queue.claim("elsewhere:1:4243", 1)                   # silent past its 1 s lease
+    time.sleep(1.5)
+    dead = f"{HOST}:cpu:{dead_pid()}"
+    queue.claim(dead, 600)                               # this host, process gone
+    status = runner(db_url, "status")
+    lines = {line.split()[0]: line for line in status.stdout.splitlines()
+             if line.startswith("table_connectivity")}
+    run1, run2, run3 = (lines[f"table_connectivity_standard_V5_N256_run{r}"] for r in (1, 2, 3))
+    assert "STALE" not in run1
+    assert "STALE: no heartbeat for" in run2 and "(lease 1s)" in run2
+    assert f"STALE: worker dead: its process {dead.rsplit(':', 1)[1]} is gone" in run3
+    stale = {j["name"][-4:]: j["stale"] for j in json.loads(
+        runner(db_url, "status", "--json").stdout)["jobs"]}
+    assert stale["run1"] is None and stale["run2"].startswith("no heartbeat")
+    # A worker here takes the dead worker's job at once and the expired one, then says
+    # which job is still held, by whom, and when its lease ends.
+    worker = start_worker(db_url, "--lease", "30")
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err[-2000:]
+    assert queue.counts()["succeeded"] == 2
+    assert ("nothing left to claim: 1 job(s) held by other workers; earliest lease expiry in "
+            in err)
+    assert "(table_connectivity_standard_V5_N256_run1, worker elsewhere:0:4242); use --wait" \
+        in err
+
+
+def test_an_idle_worker_counts_as_live(db_url, tmp_path):
+    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2",
+                 "--only", "run=1")
+    queue.claim("elsewhere:0:4242", 600)
+    worker = start_worker(db_url, "--wait")
+    try:
+        wait_for(lambda: any(w["alive"] for w in queue.workers()), what="registration")
+        status = json.loads(runner(db_url, "status", "--json").stdout)
+        assert status["progress"]["live_workers"] == 1
+        (w,) = status["workers"]
+        assert (w["state"], w["job"], w["name"]) == ("idle", None, f"{w['name'].split(':')[0]}"
+                                                                   f":cpu:{worker.pid}")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
+    assert worker.returncode == 0
+    assert [w["state"] for w in queue.workers()] == ["exited"]
+
+
+def test_a_worker_whose_every_job_failed_exits_non_zero(db_url, tmp_path):
+    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2",
+                 "--only", "run=1")
+    out_dir = Path(queue.jobs()[0]["out_dir"])
+    out_dir.parent.mkdir(parents=True)
+    out_dir.write_text("not a folder")
+    worker = start_worker(db_url)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 1
+    assert err.strip().splitlines()[-1] == ("error: every job this worker ran failed (1); see "
+                                            "`python -m runner status`")
