@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.results import MODEL_LABELS, Results
+from runner.results import MODEL_LABELS, Results, run_lines
 from trainer.files import read_metrics
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
@@ -30,12 +30,24 @@ def _label(model: str) -> str:
 
 
 def sample_complexity(results: Results, out: str | Path) -> Path:
+    """Write the sample-complexity figure (see sample_complexity_figure) to `out` (PNG)."""
+    fig = sample_complexity_figure(results)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def sample_complexity_figure(results: Results):
     """Balanced accuracy (top) and accuracy (bottom) vs N, one panel per V, a line per model.
 
     Points: mean over the finished runs, error bars one sample standard
-    deviation, faint dots the single runs. Dashed references: 50 % (any
-    constant answer's balanced accuracy; a coin flip's accuracy) and the
+    deviation (never clipped: the y-range covers them), hollow circles the
+    single runs. Panels of one row share their y-range. Dashed references: 50 %
+    (any constant answer's balanced accuracy; a coin flip's accuracy) and the
     evaluation sets' majority-class rate (always answering the common class).
+    The title says what was run (profile, steps, size, overrides), so a quick
+    smoke sweep cannot pass for the study.
     """
     from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
 
@@ -45,7 +57,7 @@ def sample_complexity(results: Results, out: str | Path) -> Path:
     Vs = sorted({r["V"] for r in rows})
     models = list(dict.fromkeys(r["model"] for r in results.rows))
     fig = _figure(5.0 * len(Vs) + 2.6, 8.4)
-    axes = fig.subplots(2, len(Vs), squeeze=False, sharex=True)
+    axes = fig.subplots(2, len(Vs), squeeze=False, sharex="col", sharey="row")
     planned = sum(r["runs_planned"] for r in results.rows)
     finished = sum(r["runs_finished"] for r in results.rows)
     runs_per_point = sorted({r["runs_finished"] for r in rows})
@@ -71,7 +83,8 @@ def sample_complexity(results: Results, out: str | Path) -> Path:
                             marker="o", ms=5, capsize=4, lw=1.8, label=_label(model))
                 for x, r in zip(xs, pts, strict=True):
                     vals = [run[metric] for run in r["runs"] if run[metric] is not None]
-                    ax.plot([x] * len(vals), vals, ".", color=color, alpha=0.35, ms=5)
+                    ax.plot([x] * len(vals), vals, "o", mfc="none", mec=color, alpha=0.8,
+                            ms=7, mew=1.2, zorder=3)
             ax.axhline(0.5, color="0.35", ls="--", lw=1,
                        label="chance: any constant\nanswer (50 %)" if metric ==
                        "balanced_accuracy" else "coin flip (50 %)")
@@ -87,8 +100,8 @@ def sample_complexity(results: Results, out: str | Path) -> Path:
             ax.xaxis.set_minor_locator(NullLocator())
             ax.set_xticks(Ns, [str(n) for n in Ns])
             ax.set_xlim(min(Ns) / 2 ** 0.4, max(Ns) * 2 ** 0.4)
-            low = min([0.45] + [r[metric]["min"] for r in at_v if r[metric]["min"] is not None])
-            ax.set_ylim(max(0.0, low - 0.03), 1.01)
+            low, high = _y_range(rows, metric)
+            ax.set_ylim(low, high)
             ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
             ax.grid(True, alpha=0.3)
             if col == 0:
@@ -102,14 +115,28 @@ def sample_complexity(results: Results, out: str | Path) -> Path:
     runs_note = (f"{runs_per_point[0]} run" if runs_per_point == [1] else
                  f"{runs_per_point[0]} runs" if len(runs_per_point) == 1
                  else f"{runs_per_point[0]}-{runs_per_point[-1]} runs")
+    what, verdict = run_lines(results.run) or ("", "")
     fig.suptitle("Table connectivity: test accuracy vs number of training examples\n"
-                 f"points: mean ± 1 sample std over {runs_note}; faint dots: single runs"
+                 f"points: mean ± 1 sample std over {runs_note}; circles: single runs"
                  + ("" if finished == planned else
-                    f"; incomplete: {finished} of {planned} runs finished"), fontsize=11)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    return out
+                    f"; incomplete: {finished} of {planned} runs finished")
+                 + (f"\n{what}\n{verdict}" if what else ""), fontsize=10,
+                 color="black" if results.run.get("study_as_run") else "darkred")
+    return fig
+
+
+def _y_range(rows: list[dict], metric: str) -> tuple[float, float]:
+    """One y-range for every panel of a metric: the 50 % line, every run, every error bar."""
+    low, high = [0.45], [1.0]
+    for r in rows:
+        s = r[metric]
+        if s["min"] is not None:
+            low.append(s["min"])
+            high.append(s["max"])
+        if s["std"] is not None:
+            low.append(s["mean"] - s["std"])
+            high.append(s["mean"] + s["std"])
+    return max(0.0, min(low) - 0.03), max(high) + 0.02
 
 
 def training_curves(jobs: list[dict], out_dir: str | Path) -> list[Path]:

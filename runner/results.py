@@ -28,6 +28,78 @@ MODEL_LABELS = {"gpt2": "gpt2 (standard)", "lowrank_gpt2": "lowrank_gpt2 (low-ra
 class Results:
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    run: dict = field(default_factory=dict)   # what was run: see what_was_run()
+
+
+# --- what was run ------------------------------------------------------------------
+
+SIZE_KEYS = (("training", "train_steps"), ("training", "batch_size"), ("model", "n_layer"),
+             ("model", "n_embd"))
+
+
+def what_was_run(jobs: list[dict]) -> dict:
+    """Profiles, sizes and --set overrides of the jobs, and how they differ from the study.
+
+    "differences" compares every job's config with the study as run (the full
+    profile, no overrides), key by key: empty means the results are the study's.
+    """
+    from runner.planner import study_config
+    from trainer.config import ConfigError
+
+    jobs = [j for j in jobs if isinstance(j.get("config"), dict)]
+
+    def values(get) -> list:
+        return sorted({get(j) for j in jobs}, key=str)
+
+    differences: dict[str, set] = {}
+    for job in jobs:
+        try:
+            study = _leaves(study_config(job))
+        except ConfigError:  # coordinates outside the study (a hand-edited sweep)
+            study = {}
+        for key, value in _leaves(job["config"]).items():
+            if key != "seeds.run" and study.get(key, _NONE) != value:
+                differences.setdefault(key, set()).add(json.dumps(value))
+    out = {"jobs": len(jobs),
+           "profiles": values(lambda j: j.get("profile") or "unknown"),
+           "overrides": values(lambda j: " ".join(json.loads(j.get("overrides") or "[]"))),
+           "differences": {k: sorted(v) for k, v in sorted(differences.items())}}
+    for section, key in SIZE_KEYS:
+        out[key] = values(lambda j, s=section, k=key: j["config"].get(s, {}).get(k))
+    out["study_as_run"] = bool(jobs) and not differences
+    return out
+
+
+_NONE = object()
+
+
+def _leaves(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_lines(run: dict) -> list[str]:
+    """Two lines for a table or a figure: what was run, and whether it is the study."""
+    if not run.get("jobs"):
+        return []
+
+    def one(values: list) -> str:
+        return "/".join(map(str, values))
+
+    overrides = [o for o in run["overrides"] if o]
+    first = (f"Run: profile {one(run['profiles'])}; {one(run['train_steps'])} steps, batch "
+             f"{one(run['batch_size'])}, {one(run['n_layer'])} layers of width "
+             f"{one(run['n_embd'])}; --set: {'; '.join(overrides) if overrides else 'none'}")
+    if run["study_as_run"]:
+        return [first, "This is the study as run (full profile, no overrides)."]
+    keys = list(run["differences"])
+    return [first, "NOT the study as run: differs in " + ", ".join(keys[:6])
+            + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")]
 
 
 # --- aggregation -----------------------------------------------------------------
@@ -74,7 +146,7 @@ def aggregate(jobs: list[dict], read=read_eval) -> Results:
     for job in jobs:
         model_order.setdefault(job["model"], len(model_order))
         groups.setdefault((job["v"], job["model"], job["n"]), []).append(job)
-    results, missing, stray = Results(), [], []
+    results, missing, stray = Results(run=what_was_run(jobs)), [], []
     for key in sorted(groups, key=lambda k: (k[0], model_order[k[1]], k[2])):
         v, model, n = key
         members = sorted(groups[key], key=lambda j: j["run"])
@@ -115,7 +187,8 @@ def _num(x) -> str:
 
 
 def to_json(results: Results) -> str:
-    return json.dumps({"rows": results.rows, "notes": results.notes}, indent=2)
+    return json.dumps({"run": results.run, "rows": results.rows, "notes": results.notes},
+                      indent=2)
 
 
 CSV_FIELDS = ["V", "model", "N", "runs_finished", "runs_planned", "runs_failed"] + [
@@ -169,7 +242,8 @@ def to_text(results: Results) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
-    out = ["Test-set scores in %: mean ± sample std over the finished runs (min–max).",
+    out = [*run_lines(results.run), "",
+           "Test-set scores in %: mean ± sample std over the finished runs (min–max).",
            "runs: finished/planned.  majority: the accuracy of always answering the more "
            "common class.",
            "balanced accuracy: the mean of the per-class recalls; any constant answer "

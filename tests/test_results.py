@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from runner import results as res
+from runner.plot import sample_complexity_figure
 from runner.progress import JobDisplay, duration, sweep_progress
 from tests.conftest import PYTHON, ROOT, runner_env
+from trainer.config import resolve
 from trainer.files import METRICS_FILE
 
 
@@ -226,8 +228,11 @@ def test_results_plot_and_logs_on_a_real_smoke_sweep(db_url, tmp_path):
     assert cli(db_url, "logs", "V5_N256").returncode == 2   # ambiguous
     assert cli(db_url, "logs", "nope").returncode == 2
 
-    # Status: the sweep is done; --watch redraws until Ctrl-C, then exits 0.
-    assert "sweep finished" in cli(db_url, "status").stdout
+    # Status: nothing left to run, but not "finished" with a job failed; --watch redraws
+    # until Ctrl-C, then exits 0.
+    done = cli(db_url, "status").stdout
+    assert "sweep finished" not in done
+    assert "nothing left to run but 1 job(s) failed" in done
     watch = subprocess.Popen([PYTHON, "-m", "runner", "status", "--watch", "0.5"], cwd=ROOT,
                              env=runner_env(db_url), stdout=subprocess.PIPE, text=True)
     time.sleep(3)
@@ -235,3 +240,45 @@ def test_results_plot_and_logs_on_a_real_smoke_sweep(db_url, tmp_path):
     stdout, _ = watch.communicate(timeout=30)
     assert watch.returncode == 0
     assert stdout.count("queue ") >= 2 and "Ctrl-C to stop" in stdout
+
+
+def test_figure_says_what_was_run_and_shows_every_error_bar(tmp_path):
+    jobs = []
+    for run, acc in enumerate((0.99, 0.90, 1.0), start=1):
+        job = fake_job(tmp_path, run, acc=acc)
+        job["balanced_accuracy"], job["majority_rate"] = acc, 0.7
+        jobs.append(job)
+    for run, acc in enumerate((0.6, 0.62, 0.64), start=1):
+        job = fake_job(tmp_path, run, acc=acc, n=512)
+        job["v"], job["balanced_accuracy"], job["majority_rate"] = 20, acc, 0.93
+        jobs.append(job)
+    for job in jobs:
+        config = resolve("gpt2", job["v"], job["n"], job["run"], "smoke",
+                         ["training.learning_rate=3e-4"])
+        job.update(config=config, profile="smoke", overrides='["training.learning_rate=3e-4"]')
+    results = res.aggregate(jobs)
+    assert results.run["profiles"] == ["smoke"] and results.run["train_steps"] == [30]
+    assert not results.run["study_as_run"]
+    assert "training.learning_rate" in results.run["differences"]
+    text = res.to_text(results)
+    assert text.splitlines()[0] == ("Run: profile smoke; 30 steps, batch 16, 3 layers of width "
+                                    "32; --set: training.learning_rate=3e-4")
+    assert text.splitlines()[1].startswith("NOT the study as run: differs in ")
+
+    fig = sample_complexity_figure(results)
+    title = fig._suptitle.get_text()
+    assert "profile smoke; 30 steps" in title and "NOT the study as run" in title
+    top_row = fig.axes[:2] if fig.axes[0].get_subplotspec().rowspan.start == 0 else None
+    assert top_row is not None
+    assert top_row[0].get_ylim() == top_row[1].get_ylim()       # one y-range per row
+    v5 = results.rows[0]["balanced_accuracy"]
+    assert top_row[0].get_ylim()[1] > v5["mean"] + v5["std"]    # the error bar is not clipped
+    assert top_row[1].get_ylim()[0] < 0.6                        # nor the lowest run at V=20
+
+
+def test_the_study_as_run_is_named_so():
+    jobs = [{"name": "a", "state": "pending", "v": 5, "n": 256, "model": "gpt2", "run": 1,
+             "config": resolve("gpt2", 5, 256, 1, "full"), "profile": "full", "overrides": "[]"}]
+    run = res.what_was_run(jobs)
+    assert run["study_as_run"] and run["differences"] == {}
+    assert res.run_lines(run)[1] == "This is the study as run (full profile, no overrides)."
