@@ -8,7 +8,16 @@ SWEEP   ?= conf/sweep.yaml
 PROFILE ?= full
 GPU     ?= 0
 GPUS    ?= 0
-RUNNER  := $(PY) -m runner
+# DB=URL picks the queue for every target (default: $RUNNER_DB, else runs/queue.sqlite).
+DB      ?=
+# THREADS=N gives each worker N CPU threads; CPU workers of `make workers` share the
+# cores by default, so that several of them do not slow each other down.
+THREADS ?=
+LOGS    ?= runs/logs
+RUNNER  := $(PY) -m runner $(if $(DB),--db '$(DB)')
+CPU_WORKERS := $(words $(filter cpu,$(GPUS)))
+CPU_SHARE   := $(shell n=$$(nproc 2>/dev/null || echo 1); c=$(CPU_WORKERS); \
+                 [ $$c -gt 0 ] && echo $$(( n / c > 0 ? n / c : 1 )))
 
 .DEFAULT_GOAL := help
 .PHONY: help install plan worker workers status requeue results plot test lint demo clean-demo
@@ -30,14 +39,16 @@ $(STAMP): pyproject.toml
 plan: $(STAMP) ## write the sweep into the queue (SWEEP=, PROFILE=); idempotent
 	$(RUNNER) plan --sweep $(SWEEP) --profile $(PROFILE)
 
-worker: $(STAMP) ## one worker on GPU=0 (GPU=cpu for the CPU)
-	$(RUNNER) worker --gpu $(GPU)
+worker: $(STAMP) ## one worker on GPU=0 (GPU=cpu for the CPU; THREADS=, DB=)
+	$(RUNNER) worker --gpu $(GPU) $(if $(THREADS),--threads $(THREADS))
 
-workers: $(STAMP) ## one background worker per GPU in GPUS="0 1 2 3", logs in runs/logs/
-	@mkdir -p runs/logs
-	@for g in $(GPUS); do \
-	  nohup $(RUNNER) worker --gpu $$g > runs/logs/worker-$$g.log 2>&1 & \
-	  echo "worker on GPU $$g: pid $$!, log runs/logs/worker-$$g.log"; \
+workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" (or "cpu cpu"), a log each in runs/logs/
+	@mkdir -p $(LOGS)
+	@i=0; for g in $(GPUS); do \
+	  i=$$((i + 1)); dev=$$g; [ $$g = cpu ] || dev=gpu$$g; log=$(LOGS)/worker-$$i-$$dev.log; \
+	  threads="$(THREADS)"; [ -z "$$threads" ] && [ $$g = cpu ] && threads=$(CPU_SHARE); \
+	  nohup $(RUNNER) worker --gpu $$g $${threads:+--threads $$threads} > $$log 2>&1 & \
+	  echo "worker $$i on $$g$${threads:+ ($$threads threads)}: pid $$!, log $$log"; \
 	done
 
 status: $(STAMP) ## the status table
