@@ -50,7 +50,8 @@ def test_claim_is_exclusive_and_returns_the_config(queue):
     queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
     claim = queue.claim("a", 60)
     assert claim.config["model"]["family"] == "gpt2" and claim.attempt == 1
-    assert claim.out_dir == "runs/table_connectivity/table_connectivity_standard_V5_N256_run1"
+    assert claim.out_dir == str(Path("runs").resolve() / "table_connectivity"
+                                / "table_connectivity_standard_V5_N256_run1")
     assert queue.claim("b", 60) is None
 
 

@@ -61,7 +61,11 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str):
     """A YAML document through the safe loader, numbers as a user would type them."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def load_yaml(path: Path) -> dict:
