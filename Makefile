@@ -20,7 +20,8 @@ CPU_SHARE   := $(shell n=$$(nproc 2>/dev/null || echo 1); c=$(CPU_WORKERS); \
                  [ $$c -gt 0 ] && echo $$(( n / c > 0 ? n / c : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: help install plan worker workers status requeue results plot test lint demo clean-demo
+.PHONY: help install plan worker workers status requeue cancel pause resume results plot test \
+        lint demo clean-demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +57,16 @@ status: $(STAMP) ## the status table
 
 requeue: $(STAMP) ## failed jobs back to pending
 	$(RUNNER) requeue --failed
+
+cancel: $(STAMP) ## cancel jobs: NAME="name or unique part ..." (running ones are stopped)
+	@[ -n "$(NAME)" ] || { echo 'say which: make cancel NAME="standard_V5_N256_run1"' >&2; exit 2; }
+	$(RUNNER) cancel $(NAME)
+
+pause: $(STAMP) ## pause the queue: nothing new is claimed (running jobs finish)
+	$(RUNNER) pause
+
+resume: $(STAMP) ## lift a pause
+	$(RUNNER) resume
 
 results: $(STAMP) ## accuracy table per (V, model, N): mean ± std over runs
 	$(RUNNER) results

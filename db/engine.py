@@ -34,6 +34,8 @@ MIGRATIONS: dict[int, list[str]] = {
     1: ["ALTER TABLE jobs ADD COLUMN profile VARCHAR(64)",
         "ALTER TABLE jobs ADD COLUMN overrides TEXT",
         "ALTER TABLE jobs ADD COLUMN claims INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN stop_request VARCHAR(16)",
+        "ALTER TABLE jobs ADD COLUMN peak_memory FLOAT",
         "UPDATE jobs SET claims = attempts"],
 }
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre",

@@ -7,7 +7,8 @@ from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA_VERSION = 2
-STATES = ("pending", "running", "succeeded", "failed")
+STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+STOP_REQUESTS = ("cancel", "pause")  # asked of a running job's worker, seen at its next write
 
 
 class Base(DeclarativeBase):
@@ -50,6 +51,8 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     lease_token: Mapped[str | None] = mapped_column(String(64))
     lease_seconds: Mapped[float | None] = mapped_column(Float)
+    stop_request: Mapped[str | None] = mapped_column(String(16))   # see STOP_REQUESTS
+    peak_memory: Mapped[float | None] = mapped_column(Float)       # GPU bytes, newest attempt
     # Times are seconds since the epoch on the database's clock.
     created_at: Mapped[float | None] = mapped_column(Float)
     claimed_at: Mapped[float | None] = mapped_column(Float)

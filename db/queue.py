@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, and_, delete, exc, func, insert, or_, select, update
 
 from db.engine import DatabaseError, db_now, describe, mask_url
-from db.models import STATES, Event, Job, Worker
+from db.models import STATES, Event, Job, Meta, Worker
 
 ORDERS = ("guide", "cost")
 
@@ -41,6 +41,25 @@ class Claim:
     step: int
     total_steps: int
     lease_seconds: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A heartbeat's or progress write's answer: true while the lease is held; `stop` is a
+    stop the user asked for (cancel, pause), for the worker to act on."""
+
+    held: bool
+    stop: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.held
+
+
+@dataclass
+class CancelReport:
+    cancelled: list[str] = field(default_factory=list)   # now cancelled
+    asked: list[str] = field(default_factory=list)       # running: their workers will stop them
+    skipped: list[str] = field(default_factory=list)     # already cancelled, or succeeded
 
 
 @dataclass
@@ -197,7 +216,9 @@ class JobQueue:
             raise ValueError(f"unknown order '{order}' (known: {', '.join(ORDERS)})")
         ordering = (Job.position,) if order == "guide" else (Job.cost.desc(), Job.position)
         with self._write() as conn:
-            self._fail_exhausted(conn)
+            self._settle_expired(conn)
+            if self._paused(conn):
+                return None
             row = conn.execute(
                 select(Job.id, Job.state, Job.worker, Job.lease_token)
                 .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts)
@@ -218,7 +239,7 @@ class JobQueue:
                 .values(state="running", worker=worker, lease_token=token,
                         lease_seconds=lease_seconds, attempts=Job.attempts + 1,
                         claims=Job.claims + 1, claimed_at=db_now(), heartbeat_at=db_now(),
-                        error=None, traceback=None)
+                        error=None, traceback=None, stop_request=None, peak_memory=None)
                 .returning(Job.id, Job.name, Job.claims, Job.config, Job.out_dir, Job.step,
                            Job.total_steps)
             ).first()
@@ -230,20 +251,26 @@ class JobQueue:
         return Claim(job.id, job.name, token, job.claims, worker, json.loads(job.config),
                      job.out_dir, job.step, job.total_steps, lease_seconds)
 
-    def _fail_exhausted(self, conn: Connection) -> None:
+    def _settle_expired(self, conn: Connection) -> None:
+        """Expired jobs that must not run again: cancelled ones, and those out of attempts."""
         rows = conn.execute(
-            select(Job.id, Job.worker, Job.lease_token, Job.attempts)
-            .where(_expired(), Job.attempts >= Job.max_attempts)
+            select(Job.id, Job.worker, Job.lease_token, Job.attempts, Job.stop_request)
+            .where(_expired(), or_(Job.attempts >= Job.max_attempts,
+                                   Job.stop_request == "cancel"))
             .with_for_update(skip_locked=True)
         ).all()
         for row in rows:
-            error = (f"worker lost: lease expired on attempt {row.attempts} of "
-                     f"{row.attempts} (last worker {row.worker})")
+            if row.stop_request == "cancel":
+                values, detail = {"state": "cancelled"}, {"cancelled": True}
+            else:
+                error = (f"worker lost: lease expired on attempt {row.attempts} of "
+                         f"{row.attempts} (last worker {row.worker})")
+                values, detail = {"state": "failed", "error": error}, {"error": error}
             conn.execute(update(Job).where(Job.id == row.id, Job.lease_token == row.lease_token)
-                         .values(state="failed", lease_token=None, error=error,
+                         .values(**values, lease_token=None, stop_request=None,
                                  finished_at=db_now()))
             self._event(conn, row.id, "expire", row.worker, row.lease_token, row.attempts,
-                        {"error": error})
+                        detail)
 
     def _conditional(self, claim: Claim, kind: str | None, values: dict,
                      detail: dict | None = None) -> bool:
@@ -253,25 +280,36 @@ class JobQueue:
                 self._event(conn, claim.id, kind, claim.worker, claim.token, claim.attempt, detail)
         return done
 
-    def heartbeat(self, claim: Claim) -> bool:
-        """Renew the lease (and the worker's liveness); False when the lease was lost."""
+    def heartbeat(self, claim: Claim) -> Lease:
+        """Renew the lease (and the worker's liveness); false when the lease was lost."""
         with self._write() as conn:
-            held = conn.execute(update(Job).where(_held(claim))
-                                .values(heartbeat_at=db_now())).rowcount == 1
-            if held:
+            row = conn.execute(update(Job).where(_held(claim)).values(heartbeat_at=db_now())
+                               .returning(Job.stop_request)).first()
+            if row is not None:
                 self._event(conn, claim.id, "heartbeat", claim.worker, claim.token,
                             claim.attempt)
                 self._seen(conn, claim.worker, "busy", claim.name)
-        return held
+        return Lease(row is not None, row.stop_request if row else None)
 
-    def progress(self, claim: Claim, step: int, loss: float | None) -> bool:
-        """Record live progress (throttled by the caller); False when the lease was lost."""
-        return self._conditional(claim, None, {"step": step, "loss": loss,
-                                               "progress_at": db_now()})
+    def progress(self, claim: Claim, step: int, loss: float | None,
+                 test: dict | None = None, peak_memory: float | None = None) -> Lease:
+        """Record live progress (throttled by the caller): step, loss, the newest test
+        accuracy and balanced accuracy, peak GPU memory. False when the lease was lost."""
+        values = {"step": step, "loss": loss, "progress_at": db_now()}
+        if test:
+            values.update(test_accuracy=test.get("accuracy"),
+                          balanced_accuracy=test.get("balanced_accuracy"))
+        if peak_memory is not None:
+            values["peak_memory"] = peak_memory
+        with self._write() as conn:
+            row = conn.execute(update(Job).where(_held(claim)).values(**values)
+                               .returning(Job.stop_request)).first()
+        return Lease(row is not None, row.stop_request if row else None)
 
     def finish(self, claim: Claim, metrics: dict) -> None:
         values = {"state": "succeeded", "lease_token": None, "finished_at": db_now(),
                   "step": claim.total_steps, "error": None, "traceback": None,
+                  "stop_request": None,
                   "test_accuracy": metrics.get("accuracy"),
                   "balanced_accuracy": metrics.get("balanced_accuracy"),
                   "majority_rate": metrics.get("majority_rate")}
@@ -280,16 +318,24 @@ class JobQueue:
 
     def fail(self, claim: Claim, error: str, traceback: str | None = None) -> None:
         values = {"state": "failed", "lease_token": None, "finished_at": db_now(),
-                  "error": error, "traceback": traceback}
+                  "error": error, "traceback": traceback, "stop_request": None}
         if not self._conditional(claim, "fail", values, {"error": error}):
             raise LeaseLost(f"{claim.name}: lease lost; failure not recorded")
 
     def release(self, claim: Claim, step: int) -> None:
         """Back to pending after a graceful stop; the attempt is not counted."""
         values = {"state": "pending", "lease_token": None, "step": step,
-                  "attempts": Job.attempts - 1, "heartbeat_at": None}
+                  "attempts": Job.attempts - 1, "heartbeat_at": None, "stop_request": None}
         if not self._conditional(claim, "release", values, {"step": step}):
             raise LeaseLost(f"{claim.name}: lease lost; not released")
+
+    def cancelled(self, claim: Claim, step: int) -> None:
+        """The worker stopped a job whose cancel was asked for: it is `cancelled` now."""
+        values = {"state": "cancelled", "lease_token": None, "step": step,
+                  "attempts": Job.attempts - 1, "heartbeat_at": None, "stop_request": None,
+                  "finished_at": db_now()}
+        if not self._conditional(claim, "cancel", values, {"step": step}):
+            raise LeaseLost(f"{claim.name}: lease lost; cancel not recorded")
 
     # --- the worker registry ------------------------------------------------------
 
@@ -336,7 +382,7 @@ class JobQueue:
         with self._write() as conn:
             rows = conn.execute(
                 select(Job.id, Job.name, Job.worker, Job.lease_token, Job.attempts,
-                       Job.max_attempts, Worker.process)
+                       Job.max_attempts, Job.stop_request, Worker.process)
                 .outerjoin(Worker, Worker.name == Job.worker)
                 .where(Job.state == "running")
                 .with_for_update(of=Job, skip_locked=True)).all()
@@ -347,16 +393,18 @@ class JobQueue:
                 if reason is None:
                     continue
                 exhausted = row.attempts >= row.max_attempts
+                state = ("cancelled" if row.stop_request == "cancel" else
+                         "failed" if exhausted else "pending")
                 error = (f"worker lost: {reason}, on attempt {row.attempts} of "
-                         f"{row.max_attempts}") if exhausted else None
+                         f"{row.max_attempts}") if state == "failed" else None
                 changed = conn.execute(
                     update(Job).where(Job.id == row.id, Job.lease_token == row.lease_token)
-                    .values(state="failed" if exhausted else "pending", lease_token=None,
-                            heartbeat_at=None, error=error,
-                            finished_at=db_now() if exhausted else None)).rowcount
+                    .values(state=state, lease_token=None, heartbeat_at=None, error=error,
+                            stop_request=None,
+                            finished_at=None if state == "pending" else db_now())).rowcount
                 if changed:
                     self._event(conn, row.id, "reclaim", row.worker, row.lease_token,
-                                detail={"reason": reason, "by": by, "failed": exhausted})
+                                detail={"reason": reason, "by": by, "to": state})
                     conn.execute(update(Worker).where(Worker.name == row.worker)
                                  .values(state="exited", job=None))
                     reclaimed.append(row.name)
@@ -374,41 +422,133 @@ class JobQueue:
 
     # --- the user's side -----------------------------------------------------------
 
-    def requeue(self, names: list[str] = (), failed: bool = False) -> list[str]:
+    def requeue(self, names: list[str] = (), failed: bool = False, fresh: bool = False,
+                move_aside: Callable[[str], None] | None = None) -> list[str]:
         """Failed (and/or named) jobs back to pending with attempts reset.
 
-        A named running job is requeued only once its lease has expired (its worker is
-        silent); a live one is refused, like an unknown name (ValueError), before
-        anything changes.
+        They resume from their checkpoint; with `fresh`, `move_aside(out_dir)` first moves
+        their folder out of the way (inside this transaction) and they start from step 0.
+        A named running job is requeued (not fresh) only once its lease has expired: its
+        folder stays, guarded by the folder lock against a worker that wakes up. Unknown
+        names and refused jobs raise ValueError before anything changes.
         """
         with self._write() as conn:
             now = conn.execute(select(db_now())).scalar_one()
-            rows = conn.execute(select(Job.id, Job.name, Job.state, Job.worker,
+            rows = conn.execute(select(Job.id, Job.name, Job.state, Job.worker, Job.out_dir,
                                        Job.lease_token, Job.heartbeat_at,
-                                       Job.lease_seconds)).all()
+                                       Job.lease_seconds).with_for_update()).all()
             by_name = {r.name: r for r in rows}
             unknown = [n for n in names if n not in by_name]
             if unknown:
                 raise ValueError(f"no job named {', '.join(unknown)}")
             for name in names:
                 row = by_name[name]
-                if row.state == "running" and row.heartbeat_at + row.lease_seconds > now:
+                if row.state != "running":
+                    continue
+                if fresh:
+                    raise ValueError(f"{name} is running (worker {row.worker}): cancel it "
+                                     "first, then requeue --fresh")
+                if row.heartbeat_at + row.lease_seconds > now:
                     left = row.heartbeat_at + row.lease_seconds - now
                     raise ValueError(
                         f"{name} is running (worker {row.worker}, heartbeat "
                         f"{now - row.heartbeat_at:.0f}s ago); stop its worker first, or wait "
                         f"{left:.0f}s for its lease to expire")
             chosen = {r.name: r for r in rows if failed and r.state == "failed"}
-            chosen.update({n: by_name[n] for n in names if by_name[n].state != "pending"})
+            chosen.update({n: by_name[n] for n in names
+                           if fresh or by_name[n].state != "pending"})
             for row in chosen.values():
                 if row.state == "running":  # silent worker: its lease ends here
                     self._event(conn, row.id, "expire", row.worker, row.lease_token,
                                 detail={"requeued": True})
-                conn.execute(update(Job).where(Job.id == row.id, Job.state == row.state).values(
-                    state="pending", attempts=0, lease_token=None, error=None, traceback=None,
-                    finished_at=None, heartbeat_at=None))
-                self._event(conn, row.id, "requeue", detail={"from": row.state})
+                reset = {"state": "pending", "attempts": 0, "lease_token": None, "error": None,
+                         "traceback": None, "finished_at": None, "heartbeat_at": None,
+                         "stop_request": None}
+                if fresh:
+                    if move_aside:
+                        move_aside(row.out_dir)
+                    reset.update(FRESH)
+                conn.execute(update(Job).where(Job.id == row.id, Job.state == row.state)
+                             .values(**reset))
+                self._event(conn, row.id, "requeue", detail={"from": row.state, "fresh": fresh})
         return sorted(chosen)
+
+    def cancel(self, names: list[str]) -> CancelReport:
+        """Named jobs to `cancelled` (never claimed; requeue brings one back).
+
+        Pending and failed jobs at once; a running job by asking its worker (it sees the
+        request at its next heartbeat or progress write, checkpoints, and marks the job
+        cancelled); a running job whose lease expired at once. Unknown names raise
+        ValueError before anything changes.
+        """
+        report = CancelReport()
+        with self._write() as conn:
+            rows = {r.name: r for r in conn.execute(
+                select(Job.id, Job.name, Job.state, Job.worker, Job.lease_token)
+                .where(Job.name.in_(names)).with_for_update())}
+            unknown = [n for n in names if n not in rows]
+            if unknown:
+                raise ValueError(f"no job named {', '.join(unknown)}")
+            expired = {r.id for r in conn.execute(select(Job.id).where(
+                _expired(), Job.name.in_(names)))}
+            for name in names:
+                row = rows[name]
+                if row.state in ("cancelled", "succeeded"):
+                    report.skipped.append(name)
+                elif row.state == "running" and row.id not in expired:
+                    conn.execute(update(Job).where(Job.id == row.id, Job.state == "running")
+                                 .values(stop_request="cancel"))
+                    self._event(conn, row.id, "cancel", detail={"asked": row.worker})
+                    report.asked.append(name)
+                else:
+                    if row.state == "running":
+                        self._event(conn, row.id, "expire", row.worker, row.lease_token,
+                                    detail={"cancelled": True})
+                    conn.execute(update(Job).where(Job.id == row.id, Job.state == row.state)
+                                 .values(state="cancelled", lease_token=None, stop_request=None,
+                                         heartbeat_at=None, finished_at=db_now()))
+                    self._event(conn, row.id, "cancel", detail={"from": row.state})
+                    report.cancelled.append(name)
+        return report
+
+    # --- pausing ---------------------------------------------------------------------
+
+    def _paused(self, conn: Connection) -> bool:
+        return conn.execute(select(Meta.value).where(Meta.key == "paused")).first() is not None
+
+    def paused(self) -> float | None:
+        """When the queue was paused (database clock), or None."""
+        with self._read() as conn:
+            value = conn.execute(select(Meta.value).where(Meta.key == "paused")).scalar()
+        return None if value is None else float(value)
+
+    def pause(self, now: bool = False) -> list[str]:
+        """Claim nothing new; with `now`, ask every running job's worker to hand it back.
+
+        Returns the running jobs asked to stop.
+        """
+        with self._write() as conn:
+            if not self._paused(conn):
+                stamp = conn.execute(select(db_now())).scalar_one()
+                conn.execute(insert(Meta).values(key="paused", value=repr(stamp)))
+            if not now:
+                return []
+            rows = conn.execute(select(Job.id, Job.name, Job.worker).where(
+                Job.state == "running", Job.stop_request.is_(None))).all()
+            for row in rows:
+                conn.execute(update(Job).where(Job.id == row.id, Job.state == "running")
+                             .values(stop_request="pause"))
+                self._event(conn, row.id, "pause", detail={"asked": row.worker})
+        return [r.name for r in rows]
+
+    def resume(self) -> bool:
+        """Claims go on; stops asked by pause --now and not yet acted on are withdrawn.
+        False when the queue was not paused."""
+        with self._write() as conn:
+            was = conn.execute(delete(Meta).where(Meta.key == "paused")).rowcount > 0
+            conn.execute(update(Job).where(Job.state == "running", Job.stop_request == "pause")
+                         .values(stop_request=None))
+        return was
 
     def counts(self) -> dict[str, int]:
         with self._read() as conn:
@@ -426,6 +566,7 @@ class JobQueue:
             job = dict(row)
             job["config"] = json.loads(job["config"])
             job["heartbeat_age"] = (now - job["heartbeat_at"]) if job["heartbeat_at"] else None
+            job["claimed_age"] = (now - job["claimed_at"]) if job["claimed_at"] else None
             out.append(job)
         return out
 

@@ -230,26 +230,130 @@ def status(ctx, as_json, watch):
 
 
 @cli.command()
+@click.argument("named", nargs=-1, metavar="[NAME]...")
 @click.option("--failed", is_flag=True, help="Every failed job.")
 @click.option("--name", "names", multiple=True, metavar="NAME",
               help="A job by name, or any part of it that matches one job (repeatable).")
+@click.option("--fresh", is_flag=True,
+              help="Start the named jobs over from step 0: their folders are moved aside "
+                   "(<folder>.replaced-<time>), never deleted.")
 @click.pass_context
-def requeue(ctx, failed, names):
+def requeue(ctx, named, failed, names, fresh):
     """Put failed (or named) jobs back to pending; they resume from their checkpoint.
 
-    A named running job is requeued only once its worker has gone silent for
-    longer than its lease.
+    Cancelled and succeeded jobs come back the same way (a succeeded one re-finishes
+    from its final state; use --fresh to train it again). A named running job is
+    requeued only once its worker has gone silent for longer than its lease.
+
+    \b
+    Examples:
+      python -m runner requeue --failed
+      python -m runner requeue standard_V5_N256_run1
+      python -m runner requeue --fresh lowrank_V20_N4096_run3
     """
+    from runner.folders import move_aside
+
+    names = (*names, *named)
     if not failed and not names:
-        raise BadInput("say which jobs: --failed and/or --name NAME")
+        raise BadInput("say which jobs: --failed and/or NAME")
+    if fresh and (failed or not names):
+        raise BadInput("--fresh starts named jobs over: give their names (not --failed)")
     queue = open_queue(ctx)
     jobs = queue.jobs() if names else []
-    names = [find_job(jobs, name)["name"] for name in names]
+    names = list(dict.fromkeys(find_job(jobs, name)["name"] for name in names))
     try:
-        done = queue.requeue(list(names), failed=failed)
+        done = queue.requeue(names, failed=failed, fresh=fresh, move_aside=move_aside)
     except ValueError as e:
         raise BadInput(str(e)) from None
-    click.echo(f"requeued {len(done)} job(s)" + (": " + ", ".join(done) if done else ""))
+    except OSError as e:  # the folder could not be moved aside: nothing was changed
+        raise BadInput(f"cannot move a job's folder aside: {e}") from None
+    click.echo(f"requeued {len(done)} job(s)" + (" from step 0" if fresh else "")
+               + (": " + ", ".join(done) if done else ""))
+
+
+@cli.command()
+@click.argument("named", nargs=-1, metavar="[NAME]...")
+@click.option("--pending", is_flag=True, help="Every pending job.")
+@click.option("--failed", is_flag=True, help="Every failed job.")
+@click.option("--only", multiple=True, metavar="KEY=VALUE",
+              help="Restrict --pending/--failed: V=20, N=256, model=lowrank_gpt2, run=1 "
+                   "(repeatable; values of one key OR-ed, keys AND-ed).")
+@click.pass_context
+def cancel(ctx, named, pending, failed, only):
+    """Cancel jobs: they are never claimed until requeued (requeue NAME).
+
+    A running job is stopped by its worker within one lease interval: it
+    checkpoints, then marks the job cancelled.
+
+    \b
+    Examples:
+      python -m runner cancel standard_V20_N4096_run3
+      python -m runner cancel --pending --only V=20
+    """
+    if not (named or pending or failed):
+        raise BadInput("say which jobs: NAME..., --pending or --failed")
+    if only and not (pending or failed):
+        raise BadInput("--only restricts --pending or --failed; name jobs directly instead")
+    filters = parse_filters(only)
+    queue = open_queue(ctx)
+    jobs = queue.jobs()
+    chosen = [find_job(jobs, name)["name"] for name in named]
+    chosen += [j["name"] for j in jobs
+               if ((pending and j["state"] == "pending") or (failed and j["state"] == "failed"))
+               and all(j[key] in values for key, values in filters.items())]
+    try:
+        report = queue.cancel(list(dict.fromkeys(chosen)))
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    click.echo(f"cancelled {len(report.cancelled)} job(s)"
+               + (f"; {len(report.asked)} running job(s) will be stopped by their workers: "
+                  + ", ".join(report.asked) if report.asked else "")
+               + (f"; {len(report.skipped)} already cancelled or succeeded"
+                  if report.skipped else ""))
+
+
+FILTER_KEYS = {"V": ("v", int), "N": ("n", int), "model": ("model", str), "run": ("run", int)}
+
+
+def parse_filters(items: tuple[str, ...]) -> dict[str, set]:
+    """--only KEY=VALUE as {job field: allowed values}."""
+    out: dict[str, set] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in FILTER_KEYS:
+            raise BadInput(f"--only '{item}': expected KEY=VALUE with KEY one of "
+                           f"{', '.join(FILTER_KEYS)}")
+        field_name, kind = FILTER_KEYS[key]
+        try:
+            out.setdefault(field_name, set()).add(kind(raw))
+        except ValueError:
+            raise BadInput(f"--only '{item}': {key} must be an integer") from None
+    return out
+
+
+@cli.command()
+@click.option("--now", is_flag=True,
+              help="Also hand back the running jobs: their workers checkpoint and put them "
+                   "back to pending.")
+@click.pass_context
+def pause(ctx, now):
+    """Pause the queue: workers claim nothing new (running jobs finish, unless --now).
+
+    Workers started with --wait keep waiting; others exit when they find
+    nothing to claim. `resume` lifts it.
+    """
+    asked = open_queue(ctx).pause(now=now)
+    click.echo("queue paused: nothing new will be claimed"
+               + (f"; {len(asked)} running job(s) will be handed back by their workers"
+                  if now else "; running jobs finish (pause --now hands them back)"))
+
+
+@cli.command()
+@click.pass_context
+def resume(ctx):
+    """Lift a pause: workers claim again."""
+    was = open_queue(ctx).resume()
+    click.echo("queue resumed" if was else "the queue was not paused")
 
 
 @cli.command()

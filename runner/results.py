@@ -139,11 +139,15 @@ def run_metrics(job: dict, notes: list[str], missing: list[str], read=read_eval)
 def aggregate(jobs: list[dict], read=read_eval) -> Results:
     """One row per (V, model, N), in the order V, model (the sweep's), N.
 
-    Finished = succeeded in the database; planned = every job of the group.
+    Finished = succeeded in the database; planned = every job of the group but the
+    cancelled ones, which are left out (and named in the notes).
     """
     groups: dict[tuple, list[dict]] = {}
     model_order: dict[str, int] = {}
+    cancelled = [j["name"] for j in jobs if j["state"] == "cancelled"]
     for job in jobs:
+        if job["state"] == "cancelled":
+            continue
         model_order.setdefault(job["model"], len(model_order))
         groups.setdefault((job["v"], job["model"], job["n"]), []).append(job)
     results, missing, stray = Results(run=what_was_run(jobs)), [], []
@@ -163,6 +167,8 @@ def aggregate(jobs: list[dict], read=read_eval) -> Results:
         for k in METRICS:
             row[k] = stats([r[k] for r in runs if r[k] is not None])
         results.rows.append(row)
+    if cancelled:
+        results.notes.append(f"{len(cancelled)} cancelled job(s) left out: " + _some(cancelled))
     if missing:
         results.notes.append(f"{len(missing)} finished job(s) have no readable {EVAL_FILE} here "
                              f"(folder elsewhere?); using the database's values: "

@@ -11,6 +11,7 @@ from runner.progress import bar, duration, eta_line, sweep_progress
 JOB_FIELDS = ("name", "state", "v", "n", "model", "run", "attempts", "step", "total_steps",
               "loss", "worker", "heartbeat_age", "test_accuracy", "balanced_accuracy",
               "majority_rate", "error", "out_dir")
+RUNNING_FIELDS = ("stop_request", "peak_memory")
 WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive")
 
 
@@ -57,7 +58,7 @@ def snapshot(queue, cache: dict | None = None) -> dict:
         job["stale"] = stale_reason(job, processes)
     starts = attempt_starts(queue, jobs, cache)
     live = [w for w in workers if w["alive"]]
-    return {"counts": counts, "jobs": jobs, "workers": workers,
+    return {"counts": counts, "jobs": jobs, "workers": workers, "paused": queue.paused(),
             "progress": sweep_progress(jobs, starts, workers_alive=len(live))}
 
 
@@ -67,7 +68,9 @@ def status_json(snap: dict) -> str:
     for job in snap["jobs"]:
         row = {k: job[k] for k in JOB_FIELDS}
         if job["state"] == "running":
+            row.update({k: job[k] for k in RUNNING_FIELDS})
             row["stale"] = job["stale"]
+            row["elapsed_seconds"] = job["claimed_age"]
             row["steps_per_second"] = p["rates"].get(job["id"])
             row["eta_seconds"] = p["job_eta"].get(job["id"])
         out.append(row)
@@ -75,8 +78,8 @@ def status_json(snap: dict) -> str:
                                   "work_seconds_left", "eta_seconds")}
     workers = [{k: w[k] for k in WORKER_FIELDS} for w in snap["workers"]
                if w["state"] != "exited"]
-    return json.dumps({"counts": snap["counts"], "progress": progress, "workers": workers,
-                       "jobs": out}, indent=2)
+    return json.dumps({"counts": snap["counts"], "paused": snap["paused"] is not None,
+                       "progress": progress, "workers": workers, "jobs": out}, indent=2)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -92,7 +95,9 @@ def status_text(snap: dict, where: str) -> str:
     counts, jobs, p = snap["counts"], snap["jobs"], snap["progress"]
     total = sum(counts.values())
     out = [f"queue {where}: {total} jobs  "
-           + "  ".join(f"{state} {count}" for state, count in counts.items())]
+           + "  ".join(f"{state} {count}" for state, count in counts.items())
+           + ("  PAUSED (nothing new is claimed; `python -m runner resume`)"
+              if snap["paused"] is not None else "")]
     if total:
         out.append(eta_line(p, counts))
     live = [w for w in snap["workers"] if w["alive"]]
@@ -109,11 +114,18 @@ def status_text(snap: dict, where: str) -> str:
             rate = p["rates"].get(j["id"])
             age = "-" if j["heartbeat_age"] is None else f"{j['heartbeat_age']:.0f}s"
             eta = f"STALE: {j['stale']}" if j["stale"] else duration(p["job_eta"].get(j["id"]))
-            rows.append([j["name"], j["worker"] or "-",
+            if j["stop_request"] and not j["stale"]:
+                eta = f"{j['stop_request']} asked"
+            test = ("-" if j["test_accuracy"] is None else
+                    f"{100 * j['test_accuracy']:.1f}/{100 * j['balanced_accuracy']:.1f}")
+            memory = "" if j["peak_memory"] is None else f"  {j['peak_memory'] / 2**30:.1f}G"
+            rows.append([j["name"], (j["worker"] or "-") + memory,
                          f"{bar(frac)} {100 * frac:3.0f}% {j['step']}/{j['total_steps']}", loss,
-                         "-" if rate is None else f"{rate:.2f}", age, eta])
-        out += ["", "running:", *_table(["name", "worker (host:gpu:pid)", "progress", "loss",
-                                         "steps/s", "heartbeat", "ETA"], rows)]
+                         test, "-" if rate is None else f"{rate:.2f}",
+                         duration(j["claimed_age"]), age, eta])
+        out += ["", "running:", *_table(["name", "worker (host:gpu:pid) [peak GPU memory]",
+                                         "progress", "loss", "test acc/bal %", "steps/s",
+                                         "elapsed", "heartbeat", "ETA"], rows)]
         if any(j["stale"] for j in running):
             out.append("stale jobs are taken over by the next worker that looks for work "
                        "(at once on their own host), or: requeue --name NAME")
@@ -122,4 +134,8 @@ def status_text(snap: dict, where: str) -> str:
         rows = [[j["name"], str(j["attempts"]), (j["error"] or "").splitlines()[0][:100]
                  if j["error"] else "-"] for j in failed]
         out += ["", "failed:", *_table(["name", "attempts", "error"], rows)]
+    cancelled = [j["name"] for j in jobs if j["state"] == "cancelled"]
+    if cancelled:
+        out += ["", f"cancelled ({len(cancelled)}; requeue NAME brings one back): "
+                + ", ".join(cancelled[:6]) + (", ..." if len(cancelled) > 6 else "")]
     return "\n".join(out)

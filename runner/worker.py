@@ -57,16 +57,43 @@ def resolve_device(gpu: str) -> str:
     return device
 
 
-class Heartbeat:
-    """Renews a claim's lease from a thread every `interval` seconds.
+class JobControl:
+    """What the queue says about the job this worker trains: lease lost, or a stop asked for.
 
-    If the lease is found lost, sets `lost` and `stop_job` so the trainer
-    stops and this worker writes nothing more for the job.
+    Fed by the heartbeat thread and by progress writes; sets `stop_job` so the
+    trainer checkpoints and stops at its next step.
     """
 
-    def __init__(self, queue: JobQueue, claim: Claim, interval: float, stop_job: threading.Event):
-        self.queue, self.claim, self.interval, self.stop_job = queue, claim, interval, stop_job
+    def __init__(self, claim: Claim, stop_job: threading.Event):
+        self.claim, self.stop_job = claim, stop_job
         self.lost = threading.Event()
+        self.request: str | None = None  # cancel or pause, as the user asked
+
+    def __call__(self, lease) -> bool:
+        """Act on a heartbeat's or progress write's answer; False once the lease is lost."""
+        if not lease.held:
+            if not self.lost.is_set():
+                self.lost.set()
+                log.error("%s: lease lost (taken over); stopping this attempt", self.claim.name)
+                job_log(self.claim, f"lease lost on attempt {self.claim.attempt} (another "
+                                    "worker took the job over); stopping this attempt")
+            self.stop_job.set()
+            return False
+        if lease.stop and self.request is None:
+            self.request = lease.stop
+            log.warning("%s: %s asked; stopping after this step", self.claim.name, lease.stop)
+            job_log(self.claim, f"{lease.stop} asked; stopping after this step")
+            self.stop_job.set()
+        return True
+
+
+class Heartbeat:
+    """Renews a claim's lease from a thread every `interval` seconds, reporting to `control`
+    (a lost lease ends the beats)."""
+
+    def __init__(self, queue: JobQueue, control: JobControl, interval: float):
+        self.queue, self.control, self.interval = queue, control, interval
+        self.claim = control.claim
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
 
@@ -81,16 +108,11 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._done.wait(self.interval):
             try:
-                held = self.queue.heartbeat(self.claim)
+                lease = self.queue.heartbeat(self.claim)
             except DatabaseError as e:  # transient: try again next beat
                 log.warning("%s: heartbeat failed: %s", self.claim.name, e)
                 continue
-            if not held:
-                log.error("%s: lease lost (taken over); stopping this attempt", self.claim.name)
-                job_log(self.claim, f"lease lost on attempt {self.claim.attempt} (another "
-                                    "worker took the job over); stopping this attempt")
-                self.lost.set()
-                self.stop_job.set()
+            if not self.control(lease):
                 return
 
 
@@ -107,7 +129,7 @@ class Worker:
         self.name = f"{HOST}:{gpu}:{os.getpid()}"
         self.stopping = threading.Event()
         self.stop_job = threading.Event()
-        self.outcomes: list[str] = []  # per job run: completed, stopped, failed, lost
+        self.outcomes: list[str] = []  # per job: completed, stopped, cancelled, failed, lost
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum, frame):
@@ -139,6 +161,18 @@ class Worker:
                 if claim is None and self.reclaim_dead():
                     continue
                 if claim is None:
+                    if self.queue.paused() is not None:
+                        if not wait:
+                            log.info("the queue is paused (python -m runner resume); %d job(s) "
+                                     "run by this worker", len(self.outcomes))
+                            break
+                        if waiting_for != "paused":
+                            waiting_for = "paused"
+                            log.info("the queue is paused: waiting for `python -m runner "
+                                     "resume`")
+                        self.queue.worker_seen(self.name)
+                        self.stopping.wait(poll)
+                        continue
                     held = self.queue.held_elsewhere(self.name)
                     if not wait:
                         log.info("nothing left to claim%s; %d job(s) run by this worker",
@@ -180,6 +214,8 @@ class Worker:
         log.info("%s: claimed (attempt %d, from step %d)", claim.name, claim.attempt, claim.step)
         last_write = 0.0
         display = JobDisplay(claim.name, claim.total_steps, claim.step, log, self.progress_every)
+        control = JobControl(claim, self.stop_job)
+        peak_memory = self._peak_memory_meter()
 
         def on_progress(p) -> None:
             nonlocal last_write
@@ -188,14 +224,12 @@ class Worker:
             if now - last_write >= PROGRESS_INTERVAL or p.step == p.total_steps:
                 last_write = now
                 try:
-                    if not self.queue.progress(claim, p.step, p.loss):
-                        self.stop_job.set()
+                    control(self.queue.progress(claim, p.step, p.loss, p.test, peak_memory()))
                 except DatabaseError as e:  # progress is advisory: training goes on
                     log.warning("%s: progress not recorded: %s", claim.name, e)
 
         result = error = None
-        with _logs_around(display), Heartbeat(self.queue, claim, self.lease / 4,
-                                              self.stop_job) as beat:
+        with _logs_around(display), Heartbeat(self.queue, control, self.lease / 4):
             try:
                 result = run(
                     claim.config, claim.out_dir, device=self.device, on_progress=on_progress,
@@ -215,7 +249,7 @@ class Worker:
                 display.close()
         outcome = "lost"
         try:
-            if beat.lost.is_set():
+            if control.lost.is_set():
                 pass  # fenced out: another worker owns the job now
             elif result is None and isinstance(error, FolderBusy):
                 self.queue.release(claim, claim.step)
@@ -230,6 +264,11 @@ class Worker:
                 outcome = "completed"
                 log.info("%s: succeeded, test accuracy %.4f", claim.name,
                          result.metrics["accuracy"])
+            elif control.request == "cancel":
+                self.queue.cancelled(claim, result.step)
+                outcome = "cancelled"
+                log.info("%s: cancelled at step %d", claim.name, result.step)
+                job_log(claim, f"job cancelled at step {result.step}")
             else:
                 self.queue.release(claim, result.step)
                 outcome = "stopped"
@@ -242,6 +281,15 @@ class Worker:
             result = error = None
             self._free_memory()
         return outcome
+
+    def _peak_memory_meter(self):
+        """A function giving the GPU's peak memory (bytes) since now; None on the CPU."""
+        if not self.device.startswith("cuda"):
+            return lambda: None
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return lambda: float(torch.cuda.max_memory_allocated(self.device))
 
     def _free_memory(self) -> None:
         gc.collect()

@@ -37,7 +37,7 @@ def make_version_1(queue) -> None:
     queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
     with queue.engine.begin() as conn:
         conn.execute(text("UPDATE jobs SET attempts = 2"))
-        for column in ("profile", "overrides", "claims"):
+        for column in ("profile", "overrides", "claims", "stop_request", "peak_memory"):
             conn.execute(text(f"ALTER TABLE jobs DROP COLUMN {column}"))
         conn.execute(text("DROP TABLE workers"))
         conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="1"))

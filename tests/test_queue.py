@@ -136,4 +136,5 @@ def test_requeue_by_name_refuses_unknown_and_running_jobs(queue):
         queue.requeue([claim.name])
     queue.finish(claim, {"accuracy": 0.5})
     assert queue.requeue([claim.name]) == [claim.name]
-    assert queue.counts() == {"pending": 3, "running": 0, "succeeded": 0, "failed": 0}
+    assert queue.counts() == {"pending": 3, "running": 0, "succeeded": 0, "failed": 0,
+                             "cancelled": 0}

@@ -14,7 +14,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, resolve
-from trainer.train import FolderBusy, run
+from trainer.train import FolderBusy, FolderMoved, run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -109,7 +109,9 @@ def test_state_without_manifest_is_ignored(tmp_path):
     for manifest in (tmp_path / ckpt.STATE_DIR).glob("*.json"):
         manifest.unlink()
     run(smoke(steps=4), tmp_path)
-    assert "starting lowrank_gpt2" in (tmp_path / ckpt.LOG_FILE).read_text().splitlines()[-2]
+    lines = (tmp_path / ckpt.LOG_FILE).read_text().splitlines()
+    last_start = [line for line in lines if " starting " in line or " resuming " in line][-1]
+    assert "starting lowrank_gpt2" in last_start
 
 
 def test_resume_refuses_a_different_config(tmp_path):
@@ -153,3 +155,30 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "missing key" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_log_shows_the_run_moving_and_progress_carries_the_newest_evaluation(tmp_path):
+    seen = []
+    run(smoke(steps=23), tmp_path, on_progress=seen.append)
+    lines = (tmp_path / ckpt.LOG_FILE).read_text().splitlines()
+    moving = [line.split(" ", 2)[2] for line in lines if ": loss " in line]
+    assert [m.split(":")[0] for m in moving] == ["step 1/23", "step 11/23", "step 21/23"]
+    evals = [r for r in ckpt.read_metrics(tmp_path) if "test_accuracy" in r]
+    assert moving[1].endswith(f"test accuracy {evals[1]['test_accuracy']:.4f}, balanced "
+                              f"{evals[1]['test_balanced_accuracy']:.4f}")
+    assert seen[0].test["accuracy"] == evals[0]["test_accuracy"]     # step 1: evaluated
+    assert seen[5].test == seen[0].test                              # the newest so far
+    assert seen[10].test["accuracy"] == evals[1]["test_accuracy"]    # step 11
+
+
+def test_a_folder_moved_away_while_training_gets_no_more_writes(tmp_path):
+    out, aside = tmp_path / "job", tmp_path / "job.replaced"
+
+    def move(p):
+        if p.step == 3:
+            out.rename(aside)
+
+    with pytest.raises(FolderMoved):
+        run(smoke(steps=10), out, on_progress=move)
+    assert not out.exists()
+    assert [r["step"] for r in ckpt.read_metrics(aside)] == [0, 1, 2]

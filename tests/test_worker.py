@@ -69,7 +69,8 @@ def test_four_workers_run_the_smoke_sweep_each_job_once(db_url, tmp_path):
     for w in workers:
         _, err = w.communicate(timeout=900)
         assert w.returncode == 0, err[-2000:]
-    assert queue.counts() == {"pending": 0, "running": 0, "succeeded": 60, "failed": 0}
+    assert queue.counts() == {"pending": 0, "running": 0, "succeeded": 60, "failed": 0,
+                              "cancelled": 0}
     events = queue.events()
     assert set(finishes_per_job(events).values()) == {1}
     assert len(finishes_per_job(events)) == 60
@@ -138,7 +139,8 @@ def test_a_failing_job_is_marked_failed_and_the_worker_goes_on(db_url, tmp_path)
     worker = start_worker(db_url)
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err[-2000:]
-    assert queue.counts() == {"pending": 0, "running": 0, "succeeded": 2, "failed": 1}
+    assert queue.counts() == {"pending": 0, "running": 0, "succeeded": 2, "failed": 1,
+                              "cancelled": 0}
     failed = [j for j in queue.jobs() if j["state"] == "failed"][0]
     assert failed["name"] == first["name"]
     assert "FileExistsError" in failed["error"] and "Traceback" in failed["traceback"]
@@ -149,7 +151,8 @@ def test_a_failing_job_is_marked_failed_and_the_worker_goes_on(db_url, tmp_path)
 def test_status_json_matches_the_contract(db_url, tmp_path):
     plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256")
     out = json.loads(runner(db_url, "status", "--json").stdout)
-    assert out["counts"] == {"pending": 6, "running": 0, "succeeded": 0, "failed": 0}
+    assert out["counts"] == {"pending": 6, "running": 0, "succeeded": 0, "failed": 0,
+                             "cancelled": 0}
     job = out["jobs"][0]
     for key in ("name", "state", "attempts", "step", "total_steps", "worker", "test_accuracy",
                 "error", "out_dir"):

@@ -47,6 +47,11 @@ class Progress:
     total_steps: int
     loss: float
     train_accuracy: float
+    test: dict | None = None   # the newest evaluation's metrics, if any yet
+
+
+class FolderMoved(RuntimeError):
+    """The job's folder was moved away while training (e.g. replaced): stop writing."""
 
 
 @dataclass
@@ -163,6 +168,7 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
         })
 
     model.train()
+    folder = out.stat().st_ino  # a folder moved aside (replace, fresh) must get no more writes
     started, done = time.monotonic(), start
     last_eval: tuple[int, dict] = (-1, {})  # (steps done, metrics) of the newest evaluation
     for i in range(start, total):
@@ -180,12 +186,19 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
         train_acc = ((logits.detach() > 0) == (y > 0)).float().mean().item()
         done = i + 1
         record = {"step": i, "loss": loss_value, "train_accuracy": train_acc}
-        if i % e["eval_every"] == 0 or done == total:
+        evaluated = i % e["eval_every"] == 0 or done == total
+        if evaluated:
             last_eval = (done, evaluate(model, eval_ids, eval_y, tokens))
             record.update({f"test_{k}": v for k, v in last_eval[1].items()})
+        if _inode(out) != folder:
+            raise FolderMoved(f"{out} was moved away while training; stopping without writing")
         ckpt.append_metrics(out, record)
+        if evaluated and done < total:
+            test = last_eval[1]
+            log(f"step {done}/{total}: loss {loss_value:.4f}, train accuracy {train_acc:.4f}, "
+                f"test accuracy {test['accuracy']:.4f}, balanced {test['balanced_accuracy']:.4f}")
         if on_progress:
-            on_progress(Progress(done, total, loss_value, train_acc))
+            on_progress(Progress(done, total, loss_value, train_acc, last_eval[1] or None))
 
         # Same cadence as the reference: state every save_every steps (step 0
         # included), snapshot every keep_every steps after 0; plus the last step.
@@ -231,6 +244,13 @@ def evaluate(model, ids: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor) ->
         "positive_rate": pos / (pos + neg),
         "loss": F.binary_cross_entropy_with_logits(logits, target.float()).item(),
     }
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _device_name(device: torch.device) -> str:
