@@ -22,9 +22,19 @@ from sqlalchemy.types import Float
 from db.models import SCHEMA_VERSION, Base, Meta
 
 BUSY_TIMEOUT_MS = 60_000
+# How long a writer waits for SQLite's lock before the failure counts as an outage (and is
+# retried, see db/outage.py); $RUNNER_SQLITE_BUSY_TIMEOUT (seconds) overrides BUSY_TIMEOUT_MS.
+BUSY_TIMEOUT_ENV = "RUNNER_SQLITE_BUSY_TIMEOUT"
 # Readers (status, results, ...) never wait on writers in WAL mode; if the file is
 # locked outright, they say so after this long instead of hanging for a minute.
 READ_BUSY_TIMEOUT_MS = 3_000
+# A write the training thread makes (progress) waits no longer than this for the lock.
+QUICK_BUSY_TIMEOUT_MS = 2_000
+# A PostgreSQL server that stops answering without closing the connection (a network cut,
+# a host gone) is noticed by TCP within seconds (keepalives, unacknowledged data) instead of
+# the kernel's many minutes; a connection refused or reset is noticed at once anyway.
+PG_TCP_ARGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+               "keepalives_count": 3, "tcp_user_timeout": 10_000}
 
 # MIGRATIONS[k]: the SQL statements that take a schema from version k to k+1.
 # To change the schema: edit db/models.py, bump SCHEMA_VERSION, add the step here
@@ -43,7 +53,12 @@ NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs
 
 
 class DatabaseError(Exception):
-    """The queue's database cannot be used; the message says why (password masked)."""
+    """The queue's database cannot be used; the message says why (password masked).
+
+    `orig`: the driver's error behind it, when there is one (db.outage.is_transient reads
+    it to tell a database that is away from one that will never work)."""
+
+    orig: BaseException | None = None
 
 
 class NoQueue(DatabaseError):
@@ -131,7 +146,7 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
                 "path, four before an absolute one), or just the file's path")
         engine = _sqlite_engine(url, parsed.database, create, readonly)
     elif backend == "postgresql":
-        args: dict = {"connect_timeout": 5 if readonly else 10}
+        args: dict = {"connect_timeout": 5 if readonly else 10, **PG_TCP_ARGS}
         if readonly:
             args["options"] = "-c default_transaction_read_only=on"
         try:
@@ -151,7 +166,9 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
     # "file is not a database", or a folder given as the file) are not wrapped by SQLAlchemy.
     except (exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
         engine.dispose()
-        raise DatabaseError(f"cannot reach database '{mask_url(url)}': {describe(e)}") from None
+        error = DatabaseError(f"cannot reach database '{mask_url(url)}': {describe(e)}")
+        error.orig = e
+        raise error from None
     except DatabaseError:
         engine.dispose()
         raise
@@ -182,7 +199,7 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
             f"{path} is on a network filesystem ({fs}); SQLite locking is unsafe there: "
             "keep it on local disk, or use PostgreSQL for several hosts"
         )
-    busy_ms = READ_BUSY_TIMEOUT_MS if readonly else BUSY_TIMEOUT_MS
+    busy_ms = READ_BUSY_TIMEOUT_MS if readonly else _writer_busy_ms()
     engine = create_engine(url, connect_args={"timeout": busy_ms / 1000})
 
     @event.listens_for(engine, "connect")
@@ -199,11 +216,28 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
+        options = conn.get_execution_options()
+        # This transaction's patience for the lock (a quick write waits less).
+        patience = min(busy_ms, options.get("busy_ms", busy_ms))
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(patience)}")
         # Writers take the lock up front: no SQLITE_BUSY on read->write upgrade.
-        reading = readonly or conn.get_execution_options().get("readonly")
+        reading = readonly or options.get("readonly")
         conn.exec_driver_sql(f"BEGIN {'DEFERRED' if reading else 'IMMEDIATE'}")
 
     return engine
+
+
+def _writer_busy_ms() -> int:
+    raw = os.environ.get(BUSY_TIMEOUT_ENV)
+    if not raw:
+        return BUSY_TIMEOUT_MS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1
+    if not 0 < seconds <= 3600:
+        raise DatabaseError(f"${BUSY_TIMEOUT_ENV}='{raw}': expected seconds, 0 < s <= 3600")
+    return int(seconds * 1000)
 
 
 def _check_schema(engine: Engine, where: str) -> None:

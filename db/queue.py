@@ -5,20 +5,30 @@ A claim starts a new lease with a fresh token. Every later write by that
 worker is conditional on `lease_token = token AND state = 'running'`, so a
 worker whose lease was taken over can never overwrite the job (fencing). Each
 successful transition appends an `events` row in the same transaction.
+
+Every operation is one short transaction run by `JobQueue._transaction`, which retries it
+through a database outage within the queue's outage budget (db.outage). A retried write
+may find that its earlier try committed although the answer was lost (the connection broke
+during COMMIT): claims and end-of-job writes recognise their own earlier success instead of
+claiming twice or reporting a lost lease.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, and_, delete, exc, func, insert, or_, select, update
 
-from db.engine import DatabaseError, db_now, describe, mask_url
+from db.engine import QUICK_BUSY_TIMEOUT_MS, DatabaseError, db_now, describe, mask_url
 from db.models import STATES, Event, Job, Meta, Worker
+from db.outage import OutageNotice, Outages
+
+T = TypeVar("T")
 
 ORDERS = ("guide", "cost")
 
@@ -114,30 +124,65 @@ def _held(claim: Claim):
     return and_(Job.id == claim.id, Job.lease_token == claim.token, Job.state == "running")
 
 
+CLAIM_COLUMNS = (Job.id, Job.name, Job.claims, Job.config, Job.out_dir, Job.step,
+                 Job.total_steps)
+
+
+def _claim(row, token: str, worker: str, lease_seconds: float) -> Claim:
+    """The Claim for a row of CLAIM_COLUMNS just claimed with `token`."""
+    return Claim(row.id, row.name, token, row.claims, worker, json.loads(row.config),
+                 row.out_dir, row.step, row.total_steps, lease_seconds)
+
+
+def _logged(conn: Connection, claim: Claim, kind: str) -> bool:
+    """Whether this claim's lease already wrote a `kind` event for its job."""
+    return conn.execute(select(Event.id).where(
+        Event.job_id == claim.id, Event.token == claim.token, Event.kind == kind).limit(1)
+    ).first() is not None
+
+
 class JobQueue:
-    def __init__(self, engine: Engine):
+    """The queue on `engine`. `outage_budget`: seconds an operation keeps retrying while the
+    database is unreachable (0: report it at once, as the user's commands do); `on_outage` is
+    told when an outage starts and ends (see db.outage)."""
+
+    def __init__(self, engine: Engine, outage_budget: float = 0.0,
+                 on_outage: Callable[[OutageNotice], None] | None = None):
         self.engine = engine
+        self.outages = Outages(outage_budget, on_outage)
 
     # --- transactions ------------------------------------------------------------
 
-    @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """One short write transaction (BEGIN IMMEDIATE on SQLite)."""
+    def _transaction(self, body: Callable[[Connection, bool], T], read: bool = False,
+                     retry: bool = True, quick: bool = False,
+                     cancel: threading.Event | None = None) -> T:
+        """`body(conn, retrying)` in one short transaction (BEGIN IMMEDIATE on SQLite for a
+        write), committed; DatabaseError when the database fails.
+
+        A transient failure (db.outage.is_transient) is retried with backoff until the
+        outage budget is spent; `retrying` tells the body that an earlier try may have
+        committed. `retry=False`: one try (the user's commands, which are not all safe to
+        repeat). `quick`: on SQLite, wait a couple of seconds for the write lock instead of
+        the full busy timeout (a write the training thread makes, which must not hold it up).
+        `cancel`: stop waiting to retry once it is set.
+        """
+        options: dict = {"readonly": True} if read else {}
+        if quick:
+            options["busy_ms"] = QUICK_BUSY_TIMEOUT_MS
+
+        def attempt(retrying: bool) -> T:
+            with self.engine.connect().execution_options(**options) as conn, conn.begin():
+                return body(conn, retrying)
+
         try:
-            with self.engine.begin() as conn:
-                yield conn
-        except exc.DBAPIError as e:
+            return self.outages.run(attempt, self._describe, retry=retry, cancel=cancel)
+        except (exc.DBAPIError, self.engine.dialect.loaded_dbapi.Error) as e:
             raise DatabaseError(self._describe(e)) from e
 
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        try:
-            with self.engine.connect().execution_options(readonly=True) as conn, conn.begin():
-                yield conn
-        except exc.DBAPIError as e:
-            raise DatabaseError(self._describe(e)) from e
+    def _read(self, body: Callable[[Connection], T]) -> T:
+        return self._transaction(lambda conn, retrying: body(conn), read=True)
 
-    def _describe(self, e: exc.DBAPIError) -> str:
+    def _describe(self, e: BaseException) -> str:
         return f"database '{mask_url(str(self.engine.url))}': {describe(e)}"
 
     def _event(self, conn: Connection, job_id: int, kind: str, worker=None, token=None,
@@ -159,8 +204,9 @@ class JobQueue:
         old folder out of the way (inside this transaction: no worker can claim the job
         meanwhile, and a failed move changes nothing). Running jobs are never replaced.
         """
-        report = PlanReport()
-        with self._write() as conn:
+
+        def body(conn: Connection, retrying: bool) -> PlanReport:
+            report = PlanReport()
             stored = {r.name: r for r in conn.execute(
                 select(Job.id, Job.name, Job.state, Job.config, Job.out_dir))}
             for row in rows:
@@ -201,7 +247,9 @@ class JobQueue:
                                                              "changes": changes})
             if dry_run:
                 conn.rollback()
-        return report
+            return report
+
+        return self._transaction(body, retry=False)
 
     # --- the worker's side ---------------------------------------------------------
 
@@ -215,7 +263,15 @@ class JobQueue:
         if order not in ORDERS:
             raise ValueError(f"unknown order '{order}' (known: {', '.join(ORDERS)})")
         ordering = (Job.position,) if order == "guide" else (Job.cost.desc(), Job.position)
-        with self._write() as conn:
+        # The token is drawn once: a retry after a lost answer finds the job it already took.
+        token = uuid.uuid4().hex
+
+        def body(conn: Connection, retrying: bool) -> Claim | None:
+            if retrying:
+                mine = conn.execute(select(*CLAIM_COLUMNS).where(
+                    Job.lease_token == token, Job.state == "running")).first()
+                if mine is not None:
+                    return _claim(mine, token, worker, lease_seconds)
             self._settle_expired(conn)
             if self._paused(conn):
                 return None
@@ -227,7 +283,6 @@ class JobQueue:
             ).first()
             if row is None:
                 return None
-            token = uuid.uuid4().hex
             if row.state == "running":
                 self._event(conn, row.id, "expire", row.worker, row.lease_token,
                             detail={"taken_over_by": worker})
@@ -240,16 +295,16 @@ class JobQueue:
                         lease_seconds=lease_seconds, attempts=Job.attempts + 1,
                         claims=Job.claims + 1, claimed_at=db_now(), heartbeat_at=db_now(),
                         error=None, traceback=None, stop_request=None, peak_memory=None)
-                .returning(Job.id, Job.name, Job.claims, Job.config, Job.out_dir, Job.step,
-                           Job.total_steps)
+                .returning(*CLAIM_COLUMNS)
             ).first()
             if job is None:  # cannot happen under the lock; never double-claim
                 return None
             self._event(conn, job.id, "claim", worker, token, job.claims,
                         {"lease_seconds": lease_seconds, "step": job.step})
             self._seen(conn, worker, "busy", job.name)
-        return Claim(job.id, job.name, token, job.claims, worker, json.loads(job.config),
-                     job.out_dir, job.step, job.total_steps, lease_seconds)
+            return _claim(job, token, worker, lease_seconds)
+
+        return self._transaction(body)
 
     def _settle_expired(self, conn: Connection) -> None:
         """Expired jobs that must not run again: cancelled ones, and those out of attempts."""
@@ -272,39 +327,59 @@ class JobQueue:
             self._event(conn, row.id, "expire", row.worker, row.lease_token, row.attempts,
                         detail)
 
-    def _conditional(self, claim: Claim, kind: str | None, values: dict,
+    def _conditional(self, claim: Claim, kind: str, values: dict,
                      detail: dict | None = None) -> bool:
-        with self._write() as conn:
-            done = conn.execute(update(Job).where(_held(claim)).values(**values)).rowcount == 1
-            if done and kind:
-                self._event(conn, claim.id, kind, claim.worker, claim.token, claim.attempt, detail)
-        return done
+        """Apply `values` to the job if this claim still holds it, and log `kind`; False when
+        the lease was lost. A retry that finds the job changed checks whether its own earlier
+        try did it (that try's `kind` event of this lease is there): then it is done."""
 
-    def heartbeat(self, claim: Claim) -> Lease:
-        """Renew the lease (and the worker's liveness); false when the lease was lost."""
-        with self._write() as conn:
+        def body(conn: Connection, retrying: bool) -> bool:
+            if conn.execute(update(Job).where(_held(claim)).values(**values)).rowcount == 1:
+                self._event(conn, claim.id, kind, claim.worker, claim.token, claim.attempt,
+                            detail)
+                return True
+            return retrying and _logged(conn, claim, kind)
+
+        return self._transaction(body)
+
+    def heartbeat(self, claim: Claim, cancel: threading.Event | None = None) -> Lease:
+        """Renew the lease (and the worker's liveness); false when the lease was lost.
+
+        Through an outage it keeps trying (within the budget) until `cancel` is set.
+        """
+
+        def body(conn: Connection, retrying: bool) -> Lease:
             row = conn.execute(update(Job).where(_held(claim)).values(heartbeat_at=db_now())
                                .returning(Job.stop_request)).first()
             if row is not None:
                 self._event(conn, claim.id, "heartbeat", claim.worker, claim.token,
                             claim.attempt)
                 self._seen(conn, claim.worker, "busy", claim.name)
-        return Lease(row is not None, row.stop_request if row else None)
+            return Lease(row is not None, row.stop_request if row else None)
+
+        return self._transaction(body, cancel=cancel)
 
     def progress(self, claim: Claim, step: int, loss: float | None,
                  test: dict | None = None, peak_memory: float | None = None) -> Lease:
         """Record live progress (throttled by the caller): step, loss, the newest test
-        accuracy and balanced accuracy, peak GPU memory. False when the lease was lost."""
+        accuracy and balanced accuracy, peak GPU memory. False when the lease was lost.
+
+        One quick try, never retried: progress is advisory, and the training thread that
+        writes it must not wait for the database (a failure still marks an outage).
+        """
         values = {"step": step, "loss": loss, "progress_at": db_now()}
         if test:
             values.update(test_accuracy=test.get("accuracy"),
                           balanced_accuracy=test.get("balanced_accuracy"))
         if peak_memory is not None:
             values["peak_memory"] = peak_memory
-        with self._write() as conn:
+
+        def body(conn: Connection, retrying: bool) -> Lease:
             row = conn.execute(update(Job).where(_held(claim)).values(**values)
                                .returning(Job.stop_request)).first()
-        return Lease(row is not None, row.stop_request if row else None)
+            return Lease(row is not None, row.stop_request if row else None)
+
+        return self._transaction(body, retry=False, quick=True)
 
     def finish(self, claim: Claim, metrics: dict) -> None:
         values = {"state": "succeeded", "lease_token": None, "finished_at": db_now(),
@@ -347,24 +422,29 @@ class JobQueue:
                         device: str, lease_seconds: float) -> None:
         """Record a starting worker (a row left by an earlier process of that name is
         replaced: pids are reused)."""
-        with self._write() as conn:
+
+        def body(conn: Connection, retrying: bool) -> None:
             conn.execute(delete(Worker).where(Worker.name == name))
             conn.execute(insert(Worker).values(
                 name=name, host=host, pid=pid, process=process, device=device,
                 lease_seconds=lease_seconds, state="idle", job=None, started_at=db_now(),
                 seen_at=db_now()))
 
+        self._transaction(body)
+
     def worker_seen(self, name: str, state: str = "idle") -> None:
         """The worker is alive (between jobs, or waiting), or has `exited`."""
-        with self._write() as conn:
-            self._seen(conn, name, state, None)
+        self._transaction(lambda conn, retrying: self._seen(conn, name, state, None))
 
     def workers(self) -> list[dict]:
         """Every registered worker, with `alive`: not exited and seen within its lease."""
-        with self._read() as conn:
-            now = conn.execute(select(db_now())).scalar_one()
-            rows = conn.execute(select(*Worker.__table__.columns)
-                                .order_by(Worker.started_at)).mappings().all()
+
+        def body(conn: Connection):
+            return (conn.execute(select(db_now())).scalar_one(),
+                    conn.execute(select(*Worker.__table__.columns)
+                                 .order_by(Worker.started_at)).mappings().all())
+
+        now, rows = self._read(body)
         return [{**r, "seen_age": now - r["seen_at"],
                  "alive": r["state"] != "exited" and now - r["seen_at"] <= r["lease_seconds"]}
                 for r in rows]
@@ -376,10 +456,12 @@ class JobQueue:
         `is_dead(worker_name, process)` says why that worker is dead, or None if it may be
         alive. Only workers on `host` are judged (a pid means nothing elsewhere); other
         hosts' jobs wait for their lease. The dead attempt counts: after max_attempts the
-        job is failed instead. Returns the names reclaimed.
+        job is failed instead. Returns the names reclaimed (by this call: a retry after a
+        lost answer does not see what its earlier try reclaimed).
         """
-        reclaimed = []
-        with self._write() as conn:
+
+        def body(conn: Connection, retrying: bool) -> list[str]:
+            reclaimed = []
             rows = conn.execute(
                 select(Job.id, Job.name, Job.worker, Job.lease_token, Job.attempts,
                        Job.max_attempts, Job.stop_request, Worker.process)
@@ -408,15 +490,21 @@ class JobQueue:
                     conn.execute(update(Worker).where(Worker.name == row.worker)
                                  .values(state="exited", job=None))
                     reclaimed.append(row.name)
-        return reclaimed
+            return reclaimed
+
+        return self._transaction(body)
 
     def held_elsewhere(self, worker: str) -> list[dict]:
         """Running jobs of other workers: name, worker, seconds until their lease expires."""
-        with self._read() as conn:
-            now = conn.execute(select(db_now())).scalar_one()
-            rows = conn.execute(select(Job.name, Job.worker, Job.heartbeat_at, Job.lease_seconds)
-                                .where(Job.state == "running", Job.worker != worker)
-                                .order_by(Job.position)).all()
+
+        def body(conn: Connection):
+            return (conn.execute(select(db_now())).scalar_one(),
+                    conn.execute(select(Job.name, Job.worker, Job.heartbeat_at,
+                                        Job.lease_seconds)
+                                 .where(Job.state == "running", Job.worker != worker)
+                                 .order_by(Job.position)).all())
+
+        now, rows = self._read(body)
         return [{"name": r.name, "worker": r.worker,
                  "expires_in": max(0.0, r.heartbeat_at + r.lease_seconds - now)} for r in rows]
 
@@ -432,7 +520,8 @@ class JobQueue:
         folder stays, guarded by the folder lock against a worker that wakes up. Unknown
         names and refused jobs raise ValueError before anything changes.
         """
-        with self._write() as conn:
+
+        def body(conn: Connection, retrying: bool) -> list[str]:
             now = conn.execute(select(db_now())).scalar_one()
             rows = conn.execute(select(Job.id, Job.name, Job.state, Job.worker, Job.out_dir,
                                        Job.lease_token, Job.heartbeat_at,
@@ -471,7 +560,9 @@ class JobQueue:
                 conn.execute(update(Job).where(Job.id == row.id, Job.state == row.state)
                              .values(**reset))
                 self._event(conn, row.id, "requeue", detail={"from": row.state, "fresh": fresh})
-        return sorted(chosen)
+            return sorted(chosen)
+
+        return self._transaction(body, retry=False)
 
     def cancel(self, names: list[str]) -> CancelReport:
         """Named jobs to `cancelled` (never claimed; requeue brings one back).
@@ -481,8 +572,9 @@ class JobQueue:
         cancelled); a running job whose lease expired at once. Unknown names raise
         ValueError before anything changes.
         """
-        report = CancelReport()
-        with self._write() as conn:
+
+        def body(conn: Connection, retrying: bool) -> CancelReport:
+            report = CancelReport()
             rows = {r.name: r for r in conn.execute(
                 select(Job.id, Job.name, Job.state, Job.worker, Job.lease_token)
                 .where(Job.name.in_(names)).with_for_update())}
@@ -509,7 +601,9 @@ class JobQueue:
                                          heartbeat_at=None, finished_at=db_now()))
                     self._event(conn, row.id, "cancel", detail={"from": row.state})
                     report.cancelled.append(name)
-        return report
+            return report
+
+        return self._transaction(body, retry=False)
 
     # --- pausing ---------------------------------------------------------------------
 
@@ -518,8 +612,8 @@ class JobQueue:
 
     def paused(self) -> float | None:
         """When the queue was paused (database clock), or None."""
-        with self._read() as conn:
-            value = conn.execute(select(Meta.value).where(Meta.key == "paused")).scalar()
+        value = self._read(lambda conn: conn.execute(
+            select(Meta.value).where(Meta.key == "paused")).scalar())
         return None if value is None else float(value)
 
     def pause(self, now: bool = False) -> list[str]:
@@ -527,7 +621,8 @@ class JobQueue:
 
         Returns the running jobs asked to stop.
         """
-        with self._write() as conn:
+
+        def body(conn: Connection, retrying: bool) -> list[str]:
             if not self._paused(conn):
                 stamp = conn.execute(select(db_now())).scalar_one()
                 conn.execute(insert(Meta).values(key="paused", value=repr(stamp)))
@@ -539,28 +634,36 @@ class JobQueue:
                 conn.execute(update(Job).where(Job.id == row.id, Job.state == "running")
                              .values(stop_request="pause"))
                 self._event(conn, row.id, "pause", detail={"asked": row.worker})
-        return [r.name for r in rows]
+            return [r.name for r in rows]
+
+        return self._transaction(body, retry=False)
 
     def resume(self) -> bool:
         """Claims go on; stops asked by pause --now and not yet acted on are withdrawn.
         False when the queue was not paused."""
-        with self._write() as conn:
+
+        def body(conn: Connection, retrying: bool) -> bool:
             was = conn.execute(delete(Meta).where(Meta.key == "paused")).rowcount > 0
             conn.execute(update(Job).where(Job.state == "running", Job.stop_request == "pause")
                          .values(stop_request=None))
-        return was
+            return was
+
+        return self._transaction(body, retry=False)
 
     def counts(self) -> dict[str, int]:
-        with self._read() as conn:
-            got = dict(conn.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        got = dict(self._read(lambda conn: conn.execute(
+            select(Job.state, func.count()).group_by(Job.state)).all()))
         return {state: got.get(state, 0) for state in STATES}
 
     def jobs(self) -> list[dict]:
         """Every job as a dict (config parsed), in the guide's order, with the DB's `now`."""
-        with self._read() as conn:
-            now = conn.execute(select(db_now())).scalar_one()
-            rows = conn.execute(
-                select(*Job.__table__.columns).order_by(Job.position)).mappings().all()
+
+        def body(conn: Connection):
+            return (conn.execute(select(db_now())).scalar_one(),
+                    conn.execute(select(*Job.__table__.columns)
+                                 .order_by(Job.position)).mappings().all())
+
+        now, rows = self._read(body)
         out = []
         for row in rows:
             job = dict(row)
@@ -571,8 +674,7 @@ class JobQueue:
         return out
 
     def events(self, job_id: int | None = None) -> list[dict]:
-        with self._read() as conn:
-            query = select(*Event.__table__.columns).order_by(Event.id)
-            if job_id is not None:
-                query = query.where(Event.job_id == job_id)
-            return [dict(r) for r in conn.execute(query).mappings()]
+        query = select(*Event.__table__.columns).order_by(Event.id)
+        if job_id is not None:
+            query = query.where(Event.job_id == job_id)
+        return self._read(lambda conn: [dict(r) for r in conn.execute(query).mappings()])
