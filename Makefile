@@ -13,6 +13,8 @@ DB      ?=
 # THREADS=N gives each worker N CPU threads; CPU workers of `make workers` share the
 # cores by default, so that several of them do not slow each other down.
 THREADS ?=
+# DB_OUTAGE=SECONDS: how long a worker waits out an unreachable database (default 600).
+DB_OUTAGE ?=
 LOGS    ?= runs/logs
 RUNNER  := $(PY) -m runner $(if $(DB),--db '$(DB)')
 CPU_WORKERS := $(words $(filter cpu,$(GPUS)))
@@ -40,15 +42,17 @@ $(STAMP): pyproject.toml
 plan: $(STAMP) ## write the sweep into the queue (SWEEP=, PROFILE=); idempotent
 	$(RUNNER) plan --sweep $(SWEEP) --profile $(PROFILE)
 
-worker: $(STAMP) ## one worker on GPU=0 (GPU=cpu for the CPU; THREADS=, DB=)
-	$(RUNNER) worker --gpu $(GPU) $(if $(THREADS),--threads $(THREADS))
+worker: $(STAMP) ## one worker on GPU=0 (GPU=cpu for the CPU; THREADS=, DB=, DB_OUTAGE=)
+	$(RUNNER) worker --gpu $(GPU) $(if $(THREADS),--threads $(THREADS)) \
+	  $(if $(DB_OUTAGE),--db-outage $(DB_OUTAGE))
 
 workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" (or "cpu cpu"), a log each in runs/logs/
 	@mkdir -p $(LOGS)
 	@i=0; for g in $(GPUS); do \
 	  i=$$((i + 1)); dev=$$g; [ $$g = cpu ] || dev=gpu$$g; log=$(LOGS)/worker-$$i-$$dev.log; \
 	  threads="$(THREADS)"; [ -z "$$threads" ] && [ $$g = cpu ] && threads=$(CPU_SHARE); \
-	  nohup $(RUNNER) worker --gpu $$g $${threads:+--threads $$threads} > $$log 2>&1 & \
+	  nohup $(RUNNER) worker --gpu $$g $${threads:+--threads $$threads} \
+	    $(if $(DB_OUTAGE),--db-outage $(DB_OUTAGE)) > $$log 2>&1 & \
 	  echo "worker $$i on $$g$${threads:+ ($$threads threads)}: pid $$!, log $$log"; \
 	done
 

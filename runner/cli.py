@@ -27,12 +27,36 @@ class BadInput(click.ClickException):
     exit_code = EXIT_BAD_INPUT
 
 
-def open_queue(ctx: click.Context, create: bool = False, readonly: bool = False) -> JobQueue:
-    """The queue; `readonly` for commands that only look (they never create or migrate)."""
+def open_queue(ctx: click.Context, create: bool = False, readonly: bool = False,
+               outage: float = 0) -> JobQueue:
+    """The queue; `readonly` for commands that only look (they never create or migrate).
+
+    `outage`: seconds to wait for a database that is unreachable (a worker's --db-outage),
+    here and in every later operation; the user's commands report an outage at once.
+    """
+    from db.outage import OutageExceeded, Outages
+
+    def opened(retrying: bool) -> JobQueue:
+        return JobQueue(connect(ctx.obj["db"], create=create, readonly=readonly),
+                        outage_budget=outage)
+
     try:
-        return JobQueue(connect(ctx.obj["db"], create=create, readonly=readonly))
+        return Outages(outage, log_outage).run(opened, str)
+    except OutageExceeded as e:
+        raise click.ClickException(str(e)) from None
     except DatabaseError as e:
         raise BadInput(str(e)) from None
+
+
+def log_outage(notice) -> None:
+    """The database was unreachable when a command started, and the command waits."""
+    from runner.progress import duration
+
+    if notice.kind == "started":
+        logging.getLogger("runner").warning("%s; retrying for up to %s", notice.reason,
+                                            duration(notice.budget))
+    else:
+        logging.getLogger("runner").warning("database back after %s", duration(notice.seconds))
 
 
 @click.group(invoke_without_command=True)
@@ -165,8 +189,14 @@ def replan_command() -> str:
               metavar="SECONDS",
               help="Seconds between progress log lines when not on a terminal "
                    "(on a terminal: a progress bar).")
+@click.option("--db-outage", type=click.FloatRange(min=0), default=600, show_default=True,
+              metavar="SECONDS",
+              help="How long the database may stay unreachable (restart, failover, network "
+                   "cut, SQLite locked or disk full) while training goes on and queue writes "
+                   "wait; past it the job is checkpointed and the worker exits 1. "
+                   "0: exit at the first failure.")
 @click.pass_context
-def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every):
+def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_outage):
     """Claim jobs one by one and train them in this process.
 
     On a terminal the running job shows a progress bar (step/total, loss,
@@ -174,7 +204,7 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every):
     """
     from runner.worker import BadDevice, Worker
 
-    queue = open_queue(ctx)
+    queue = open_queue(ctx, outage=db_outage)
     try:
         w = Worker(queue, gpu, lease, order, threads, progress_every)
     except BadDevice as e:

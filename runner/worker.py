@@ -5,6 +5,12 @@ One worker per GPU. SIGTERM or Ctrl-C asks the trainer to checkpoint and
 stop; the job goes back to pending and the worker exits 0. A second Ctrl-C
 exits at once: the lease then expires (or a worker started on the same host
 sees the process gone) and another worker resumes the job.
+
+When the database goes away, training goes on: the heartbeat thread keeps trying, progress
+writes are skipped, and a finish, failure or release waits until the database is back (all
+within the queue's outage budget, see db/outage.py); every write stays fenced by the lease
+token, so a job taken over meanwhile gets nothing from this worker. Once the budget is
+spent, the job is checkpointed and the worker exits non-zero.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 import traceback
 
 from db import Claim, DatabaseError, JobQueue, LeaseLost
+from db.outage import OutageNotice
 from runner.liveness import HOST, dead_reason, process_token
 from runner.progress import JobDisplay, duration
 from trainer.device import BadDevice, check_device
@@ -68,6 +75,17 @@ class JobControl:
         self.claim, self.stop_job = claim, stop_job
         self.lost = threading.Event()
         self.request: str | None = None  # cancel or pause, as the user asked
+        # The database cannot be used (outage budget spent, or a permanent error): the job
+        # is checkpointed, nothing more is written, and the worker exits with this error.
+        self.unusable: DatabaseError | None = None
+
+    def database_unusable(self, error: DatabaseError) -> None:
+        if self.unusable is None:
+            self.unusable = error
+            log.error("%s: %s; checkpointing the job and stopping", self.claim.name, error)
+            job_log(self.claim, f"attempt {self.claim.attempt}: {error}; stopped with a "
+                                "checkpoint, the job is left to be reclaimed")
+        self.stop_job.set()
 
     def __call__(self, lease) -> bool:
         """Act on a heartbeat's or progress write's answer; False once the lease is lost."""
@@ -89,7 +107,9 @@ class JobControl:
 
 class Heartbeat:
     """Renews a claim's lease from a thread every `interval` seconds, reporting to `control`
-    (a lost lease ends the beats)."""
+    (a lost lease ends the beats). Through a database outage a beat keeps trying, within the
+    queue's outage budget; the answer after the outage says whether the lease is still held
+    (the database's clock decides: a job taken over meanwhile is stopped)."""
 
     def __init__(self, queue: JobQueue, control: JobControl, interval: float):
         self.queue, self.control, self.interval = queue, control, interval
@@ -106,14 +126,20 @@ class Heartbeat:
         self._thread.join()
 
     def _beat(self) -> None:
+        renewed = time.monotonic()
         while not self._done.wait(self.interval):
             try:
-                lease = self.queue.heartbeat(self.claim)
-            except DatabaseError as e:  # transient: try again next beat
-                log.warning("%s: heartbeat failed: %s", self.claim.name, e)
-                continue
+                lease = self.queue.heartbeat(self.claim, cancel=self._done)
+            except DatabaseError as e:  # budget spent, or an error retrying cannot fix
+                if not self._done.is_set():
+                    self.control.database_unusable(e)
+                return
             if not self.control(lease):
                 return
+            silent, renewed = time.monotonic() - renewed, time.monotonic()
+            if silent > self.claim.lease_seconds:
+                log.info("%s: lease still held after %s without a heartbeat (nobody took the "
+                         "job over); training goes on", self.claim.name, duration(silent))
 
 
 class Worker:
@@ -130,6 +156,24 @@ class Worker:
         self.stopping = threading.Event()
         self.stop_job = threading.Event()
         self.outcomes: list[str] = []  # per job: completed, stopped, cancelled, failed, lost
+        self.current: Claim | None = None  # the job being run
+        queue.outages.on_outage = self.on_outage
+
+    def on_outage(self, notice: OutageNotice) -> None:
+        """Log a database outage once when it starts and once when it ends."""
+        claim = self.current
+        if notice.kind == "started":
+            log.warning("database unreachable: %s; %sretrying for up to %s", notice.reason,
+                        "training goes on, progress is not recorded meanwhile; "
+                        if claim else "", duration(notice.budget))
+            return
+        longer = notice.seconds > self.lease
+        log.warning("database back after %s%s", duration(notice.seconds),
+                    f" (longer than the {self.lease:g}s lease: the job's lease is checked "
+                    "before anything else is written)" if longer and claim else "")
+        if claim:
+            job_log(claim, f"database unreachable for {duration(notice.seconds)} "
+                           f"({notice.reason}); training went on")
 
     def install_signal_handlers(self) -> None:
         def on_signal(signum, frame):
@@ -212,6 +256,7 @@ class Worker:
         if self.stopping.is_set():
             self.stop_job.set()
         log.info("%s: claimed (attempt %d, from step %d)", claim.name, claim.attempt, claim.step)
+        self.current = claim
         last_write = 0.0
         display = JobDisplay(claim.name, claim.total_steps, claim.step, log, self.progress_every)
         control = JobControl(claim, self.stop_job)
@@ -223,10 +268,13 @@ class Worker:
             now = time.monotonic()
             if now - last_write >= PROGRESS_INTERVAL or p.step == p.total_steps:
                 last_write = now
+                if self.queue.outages.down_for is not None:
+                    return  # the database is away: training goes on, progress waits
                 try:
                     control(self.queue.progress(claim, p.step, p.loss, p.test, peak_memory()))
                 except DatabaseError as e:  # progress is advisory: training goes on
-                    log.warning("%s: progress not recorded: %s", claim.name, e)
+                    if self.queue.outages.down_for is None:  # not an outage (logged there)
+                        log.warning("%s: progress not recorded: %s", claim.name, e)
 
         result = error = None
         with _logs_around(display), Heartbeat(self.queue, control, self.lease / 4):
@@ -249,6 +297,9 @@ class Worker:
                 display.close()
         outcome = "lost"
         try:
+            if control.unusable is not None:
+                # Checkpointed; the job stays running under this lease, to be reclaimed.
+                raise control.unusable
             if control.lost.is_set():
                 pass  # fenced out: another worker owns the job now
             elif result is None and isinstance(error, FolderBusy):
@@ -279,6 +330,7 @@ class Worker:
             job_log(claim, str(e))
         finally:
             result = error = None
+            self.current = None
             self._free_memory()
         return outcome
 
