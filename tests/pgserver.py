@@ -2,6 +2,7 @@
 
     python tests/pgserver.py start DIR   # prints the server's URL
     python tests/pgserver.py stop DIR
+    python tests/pgserver.py restart DIR [fast|immediate|smart]   # same port, same data
 
 Uses the installed server binaries (Debian: /usr/lib/postgresql/*/bin). As
 root, the cluster runs as the `postgres` user, since PostgreSQL refuses root.
@@ -47,19 +48,40 @@ def start(folder: Path) -> str:
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     data, port = folder / "data", _free_port()
-    def run(cmd: list[str]) -> None:
-        proc = subprocess.run(_as_server_user(cmd), capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-            raise RuntimeError(f"{Path(cmd[0]).name} failed: {' '.join(tail)}")
-
-    run([initdb, "-D", str(data), "-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8"])
+    _run([initdb, "-D", str(data), "-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8"])
     # fsync off: a throwaway test server; max_connections for many worker processes.
     options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
                "-c max_connections=200")
-    run([pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "server.log"), "-w", "start"])
+    (folder / "options").write_text(options)
+    _start(folder)
     (folder / "url").write_text(url_for(port))
     return url_for(port)
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(_as_server_user(cmd), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        raise RuntimeError(f"{Path(cmd[0]).name} failed: {' '.join(tail)}")
+
+
+def _start(folder: Path) -> None:
+    folder = Path(folder).resolve()
+    _run([find_binary("pg_ctl"), "-D", str(folder / "data"), "-o",
+          (folder / "options").read_text(), "-l", str(folder / "server.log"), "-w", "start"])
+
+
+def shutdown(folder: Path, mode: str = "fast") -> None:
+    """Stop the cluster of `folder` and wait until it is down: `fast` (clients are told
+    "terminating connection due to administrator command"), `immediate` (the server quits
+    without a checkpoint, as in a crash: recovery runs at the next start) or `smart`."""
+    _run([find_binary("pg_ctl"), "-D", str(Path(folder).resolve() / "data"), "-m", mode, "-w",
+          "stop"])
+
+
+def start_again(folder: Path) -> None:
+    """Start the stopped cluster of `folder` again: same data, same port."""
+    _start(folder)
 
 
 def url_for(port: int, database: str = "postgres") -> str:
@@ -80,5 +102,8 @@ if __name__ == "__main__":
         print(start(where))
     elif verb == "stop":
         stop(where)
+    elif verb == "restart":
+        shutdown(where, sys.argv[3] if len(sys.argv) > 3 else "fast")
+        start_again(where)
     else:
-        sys.exit(f"usage: {sys.argv[0]} start|stop DIR")
+        sys.exit(f"usage: {sys.argv[0]} start|stop DIR | restart DIR [fast|immediate|smart]")
