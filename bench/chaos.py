@@ -5,6 +5,8 @@ Run from the repository root:
     .venv/bin/python bench/chaos.py                       # 60 jobs, SQLite in a temp folder
     .venv/bin/python bench/chaos.py --only V=5 --faults 20
     .venv/bin/python bench/chaos.py --db postgresql+psycopg://user:pw@host/postgres
+    .venv/bin/python bench/chaos.py --pg --db-outages 6      # a PostgreSQL server of its own,
+                                                             # restarted 6 times
 
 1. Plan the sweep (smoke profile; `max_attempts` raised, see MAX_ATTEMPTS) into a fresh queue:
    a new SQLite file, or with --db a new database created on that PostgreSQL server.
@@ -17,7 +19,12 @@ Run from the repository root:
    just finished a job), a worker writing a checkpoint (a temp file seen in its job's
    state/ or snapshots/ folder), a worker training. `--freezes` more faults SIGSTOP a worker
    for 1.5-3 leases and SIGCONT it: its job is taken over while it sleeps, so it wakes up
-   fenced out. Faults are paced by progress so that they land all along the sweep (the k-th
+   fenced out. `--db-outages` more faults take the database away for 2-8 s between them:
+   a PostgreSQL server (started by this run with --pg) stopped (fast or immediate shutdown,
+   at random) and started again; a SQLite file held under an exclusive write lock, the
+   workers' busy timeout cut to 1 s ($RUNNER_SQLITE_BUSY_TIMEOUT) so that it is an outage
+   to them. Every outage is longer than the lease: leases expire by the database's clock
+   meanwhile. Faults are paced by progress so that they land all along the sweep (the k-th
    of F waits for 90% x k/F of the jobs to succeed, and a random --interval). Workers that
    exit (killed, stopped, or nothing claimable while a dead worker's lease runs out) are
    restarted while there is work, until every job succeeded.
@@ -25,7 +32,8 @@ Run from the repository root:
 4. Checks: every job succeeded; no job ever had two live leases and no lease wrote after
    losing its job (tests.audit, over the events table); each job finished once, by the
    lease of its last claim; every job's final state (model, optimiser, batch RNG), kept
-   snapshots, metrics.jsonl, eval.json and config.yaml equal the reference bit for bit.
+   snapshots, metrics.jsonl, eval.json and config.yaml equal the reference bit for bit; no
+   worker exited with an error status (an outage must not kill one).
 Prints the figures; exit status 1 when a check fails or fewer faults than --faults landed.
 """
 
@@ -46,8 +54,10 @@ import multiprocessing as mp  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
+import sqlite3  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -60,6 +70,8 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from db import JobQueue, connect, mask_url  # noqa: E402
+from db.engine import BUSY_TIMEOUT_ENV  # noqa: E402
+from tests import pgserver  # noqa: E402
 from tests.audit import finishes_per_job, lease_violations  # noqa: E402
 
 ROOT = HERE.parent
@@ -79,14 +91,16 @@ _LINE = re.compile(r"^\S+ \S+ [A-Z]+ (.*)$")
 
 
 class Worker:
-    def __init__(self, index: int, url: str, lease: float, log_dir: Path):
+    def __init__(self, index: int, url: str, lease: float, log_dir: Path,
+                 env: dict | None = None):
         self.index = index
         self.log_path = log_dir / f"worker-{index:03d}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--threads", "1",
                  "--lease", f"{lease:g}"],
-                cwd=ROOT, env={**os.environ, "RUNNER_DB": url, "PYTHONUNBUFFERED": "1"},
+                cwd=ROOT, env={**os.environ, "RUNNER_DB": url, "PYTHONUNBUFFERED": "1",
+                               **(env or {})},
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
         self.name = f"{socket.gethostname()}:cpu:{self.proc.pid}"  # as runner.worker names it
         self.offset, self.partial = 0, ""
@@ -97,6 +111,8 @@ class Worker:
         self.fenced = 0              # writes refused because the lease was lost
         self.frozen_until: float | None = None
         self.signalled = False
+        self.outages_seen = 0        # database outages it logged
+        self.last_line = ""
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -114,6 +130,10 @@ class Worker:
         for line in lines:
             m = _LINE.match(line)
             message = m.group(1) if m else line
+            if line.strip():
+                self.last_line = line.strip()
+            if message.startswith("database unreachable: "):
+                self.outages_seen += 1
             if message.startswith("worker ") and ", lease " in message:
                 self.started = True
             elif ": claimed (attempt " in message:
@@ -160,6 +180,17 @@ class Fault:
 
 
 @dataclass
+class DbOutage:
+    kind: str          # "postgresql fast", "postgresql immediate", "sqlite lock"
+    start: float       # wall clock (the database's clock is this host's)
+    end: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
 class ChaosResult:
     url: str
     jobs: int
@@ -167,6 +198,9 @@ class ChaosResult:
     lease: float
     faults: list[Fault] = field(default_factory=list)
     freezes: int = 0
+    outages: list[DbOutage] = field(default_factory=list)
+    outages_seen: int = 0           # outages logged by workers (one per worker and outage)
+    worker_errors: list[str] = field(default_factory=list)  # exited non-zero, not by a kill
     started_workers: int = 0
     wall_s: float = 0.0
     reference_s: float = 0.0
@@ -178,6 +212,7 @@ class ChaosResult:
     claims: int = 0
     expiries: int = 0
     expiries_of_live: int = 0   # taken over from a live, unfrozen worker that went silent
+    expiries_after_outage: int = 0   # ... because a database outage cut it off
     releases: int = 0
     max_attempts_used: int = 0
     mismatches: list[str] = field(default_factory=list)
@@ -196,19 +231,23 @@ class ChaosResult:
 
 
 class Driver:
-    def __init__(self, url: str, n_workers: int, lease: float, log_dir: Path, rng: random.Random):
+    def __init__(self, url: str, n_workers: int, lease: float, log_dir: Path, rng: random.Random,
+                 pg_folder: Path | None = None, worker_env: dict | None = None):
         self.url, self.n_workers, self.lease, self.log_dir, self.rng = (
             url, n_workers, lease, log_dir, rng)
+        self.pg_folder, self.worker_env = pg_folder, worker_env
         self.queue = JobQueue(connect(url))
         self.workers: list[Worker] = []
         self.started = 0
         self.fenced_by_dead = 0
+        self.outages_seen = 0
+        self.worker_errors: list[str] = []
         self.orphans: set[Path] = set()   # temp files of killed writes, seen already
         self.ended: dict[str, float] = {}             # worker name -> wall time it was gone
         self.frozen: dict[str, list[tuple[float, float]]] = {}  # name -> (from, to) wall times
 
     def start_worker(self) -> Worker:
-        w = Worker(self.started, self.url, self.lease, self.log_dir)
+        w = Worker(self.started, self.url, self.lease, self.log_dir, self.worker_env)
         self.started += 1
         self.workers.append(w)
         return w
@@ -227,9 +266,7 @@ class Driver:
         for w in list(self.workers):
             w.read_log()
             if not w.alive():
-                w.read_log()
-                self.fenced_by_dead += w.fenced
-                self.ended.setdefault(w.name, time.time())
+                self._reap(w)
                 self.workers.remove(w)
         jobs = self.queue.jobs()
         counts = Counter(j["state"] for j in jobs)
@@ -237,6 +274,37 @@ class Driver:
         while len(self.alive()) < wanted:
             self.start_worker()
         return counts, jobs
+
+    def _reap(self, w: Worker) -> None:
+        w.read_log()
+        self.fenced_by_dead += w.fenced
+        self.outages_seen += w.outages_seen
+        self.ended.setdefault(w.name, time.time())
+        # 0: done, or stopped by SIGTERM; -9/-15: killed (SIGTERM before its handler was in).
+        if w.proc.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM):
+            self.worker_errors.append(f"worker {w.name} exited {w.proc.returncode}: "
+                                      f"{w.last_line[:300]}")
+
+    def outage(self) -> DbOutage:
+        """Take the database away for 2-8 s (always longer than the lease), then back."""
+        seconds = self.rng.uniform(max(2.0, 1.5 * self.lease), 8.0)
+        if self.pg_folder is not None:
+            mode = self.rng.choice(["fast", "immediate"])
+            down = time.time()
+            pgserver.shutdown(self.pg_folder, mode)
+            time.sleep(seconds)
+            pgserver.start_again(self.pg_folder)
+            return DbOutage(f"postgresql {mode}", down, time.time())
+        path = make_url(self.url).database
+        holder = sqlite3.connect(path, isolation_level=None, timeout=60)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            down = time.time()
+            time.sleep(seconds)
+            holder.execute("COMMIT")
+        finally:
+            holder.close()
+        return DbOutage("sqlite lock", down, time.time())
 
     def _signal(self, w: Worker, sig: signal.Signals) -> None:
         try:
@@ -324,19 +392,21 @@ class Driver:
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait()
-            w.read_log()
-            self.fenced_by_dead += w.fenced
-            self.ended.setdefault(w.name, time.time())
+            self._reap(w)
         self.workers = []
         self.queue.engine.dispose()
 
 
 def run_chaos(url: str, n_jobs: int, n_workers: int, lease: float, faults: int, freezes: int,
               interval: tuple[float, float], log_dir: Path, rng: random.Random,
-              timeout: float, progress=print) -> ChaosResult:
+              timeout: float, progress=print, outages: int = 0,
+              pg_folder: Path | None = None) -> ChaosResult:
     res = ChaosResult(url, n_jobs, n_workers, lease)
-    driver = Driver(url, n_workers, lease, log_dir, rng)
-    kinds = ["fault"] * faults + ["freeze"] * freezes
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    # A SQLite lock of a few seconds is an outage only to a writer that gives up waiting.
+    env = {BUSY_TIMEOUT_ENV: "1"} if outages and sqlite else None
+    driver = Driver(url, n_workers, lease, log_dir, rng, pg_folder, env)
+    kinds = ["fault"] * faults + ["freeze"] * freezes + ["outage"] * outages
     rng.shuffle(kinds)
     total_faults = len(kinds)
     t0 = time.monotonic()
@@ -357,7 +427,10 @@ def run_chaos(url: str, n_jobs: int, n_workers: int, lease: float, faults: int, 
             behind = counts["succeeded"] >= int(0.9 * n_jobs * (sent + 1) / max(total_faults, 1))
             if kinds and counts["succeeded"] >= gate and (behind or time.monotonic() >= next_at):
                 kind = kinds.pop()
-                if kind == "freeze":
+                if kind == "outage":
+                    f = driver.outage()
+                    res.outages.append(f)
+                elif kind == "freeze":
                     f = driver.fault("any", signal.SIGSTOP)
                     res.freezes += f is not None
                 else:
@@ -377,6 +450,7 @@ def run_chaos(url: str, n_jobs: int, n_workers: int, lease: float, faults: int, 
     res.wall_s = time.monotonic() - t0
     res.started_workers = driver.started
     res.fenced_refused = driver.fenced_by_dead
+    res.outages_seen, res.worker_errors = driver.outages_seen, driver.worker_errors
     res.ended, res.frozen = driver.ended, driver.frozen
     return res
 
@@ -518,6 +592,10 @@ def check(res: ChaosResult, url: str, ref_root: Path | None, min_faults: int) ->
             slept = any(a <= e["at"] and b >= e["at"] - res.lease
                         for a, b in res.frozen.get(e["worker"], []))
             res.expiries_of_live += not (gone or slept)
+            # Cut off by an outage: taken over as the database came back, before the
+            # worker's next heartbeat got through.
+            res.expiries_after_outage += not (gone or slept) and any(
+                o.start <= e["at"] <= o.end + 5 * res.lease for o in res.outages)
     kinds = Counter(e["kind"] for e in events)
     res.claims, res.expiries, res.releases = kinds["claim"], kinds["expire"], kinds["release"]
     res.max_attempts_used = max((j["attempts"] for j in jobs), default=0)
@@ -534,6 +612,8 @@ def check(res: ChaosResult, url: str, ref_root: Path | None, min_faults: int) ->
     res.orphans_left = sum(len(temp_files(Path(j["out_dir"]))) for j in jobs)
     if len(res.faults) < min_faults:
         res.problems.append(f"only {len(res.faults)} faults landed (wanted {min_faults})")
+    if res.worker_errors:
+        res.problems.append(f"{len(res.worker_errors)} workers exited with an error")
 
 
 def report(res: ChaosResult, backend: str) -> str:
@@ -543,6 +623,8 @@ def report(res: ChaosResult, backend: str) -> str:
     orphaned = sum(f.orphaned_temp for f in res.faults)
     by_phase = ", ".join(f"{p} {phases[p]}" for p in PHASES if phases[p])
     mismatched = len(res.mismatches)
+    kinds = Counter(o.kind for o in res.outages)
+    outage_kinds = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
     lines = [
         f"chaos run: {res.jobs} jobs (smoke profile), {res.workers} workers, "
         f"lease {res.lease:g}s, {backend} ({mask_url(res.url)})",
@@ -551,9 +633,19 @@ def report(res: ChaosResult, backend: str) -> str:
         f"  by phase: {by_phase}",
         f"  claims killed after commit (job left to expire): {committed}; "
         f"SIGKILLs that left a half-written checkpoint: {orphaned}",
+        *([f"database outages: {len(res.outages)} ({outage_kinds}), "
+           f"{min(o.seconds for o in res.outages):.1f}-"
+           f"{max(o.seconds for o in res.outages):.1f}s each, "
+           f"{sum(o.seconds for o in res.outages):.0f}s in all; logged by the workers "
+           f"{res.outages_seen} times (once per worker and outage)"]
+          if res.outages else []),
+        f"workers that exited with an error (not killed): {len(res.worker_errors)}",
         f"worker processes started: {res.started_workers}; claims {res.claims}, "
         f"taken over after lease expiry {res.expiries} (of a live worker silent past its "
-        f"lease: {res.expiries_of_live}), graceful releases {res.releases}, "
+        f"lease: {res.expiries_of_live}"
+        + (f", of which cut off by a database outage: {res.expiries_after_outage}"
+           if res.outages else "")
+        + f"), graceful releases {res.releases}, "
         f"most attempts on one job {res.max_attempts_used}",
         f"jobs succeeded: {res.counts.get('succeeded', 0)}/{res.jobs} "
         f"(failed {res.counts.get('failed', 0)})",
@@ -568,7 +660,8 @@ def report(res: ChaosResult, backend: str) -> str:
         "(a job's next attempt removes them)",
         f"wall time: chaos run {res.wall_s:.0f}s; fault-free reference {res.reference_s:.0f}s",
     ]
-    for p in res.violations[:5] + res.fenced_results[:5] + res.mismatches[:5]:
+    for p in (res.violations[:5] + res.fenced_results[:5] + res.mismatches[:5]
+              + res.worker_errors[:5]):
         lines.append(f"  ! {p}")
     lines.append("result: " + ("OK" if res.ok else "FAILED: " + "; ".join(res.problems)))
     return "\n".join(lines)
@@ -578,9 +671,31 @@ def chaos(work: Path, db: str | None = None, only: list[str] = (), workers: int 
           lease: float = 2.0, faults: int = 60, freezes: int = 6,
           interval: tuple[float, float] = (0.5, 2.5), seed: int | None = None,
           ref_processes: int | None = None, timeout: float = 1800,
-          progress=print) -> ChaosResult:
-    """Plan, reference, chaos run, checks; the result (figures and problems)."""
+          progress=print, outages: int = 0, pg: bool = False) -> ChaosResult:
+    """Plan, reference, chaos run, checks; the result (figures and problems).
+
+    `pg`: on a PostgreSQL server this run starts (and stops), which `outages` restart.
+    """
     work.mkdir(parents=True, exist_ok=True)
+    if outages and db is not None:
+        raise SystemExit("--db-outages restarts the server: use --pg (a server of this run's "
+                         "own) instead of --db")
+    if not pg:
+        return _chaos(work, db, only, workers, lease, faults, freezes, interval, seed,
+                      ref_processes, timeout, progress, outages, None)
+    pg_folder = Path(tempfile.mkdtemp(prefix="chaos-pg-"))  # the server's user must reach it
+    try:
+        server = pgserver.start(pg_folder)
+        progress(f"PostgreSQL server of this run: {server} (data in {pg_folder})")
+        return _chaos(work, server, only, workers, lease, faults, freezes, interval, seed,
+                      ref_processes, timeout, progress, outages, pg_folder)
+    finally:
+        pgserver.stop(pg_folder)
+        shutil.rmtree(pg_folder, ignore_errors=True)
+
+
+def _chaos(work, db, only, workers, lease, faults, freezes, interval, seed, ref_processes,
+           timeout, progress, outages, pg_folder) -> ChaosResult:
     seed = random.randrange(2**32) if seed is None else seed
     url = fresh_url(db, work)
     jobs = plan(url, work, list(only))
@@ -591,7 +706,7 @@ def chaos(work: Path, db: str | None = None, only: list[str] = (), workers: int 
     log_dir = work / "logs"
     log_dir.mkdir(exist_ok=True)
     res = run_chaos(url, len(jobs), workers, lease, faults, freezes, interval, log_dir,
-                    random.Random(seed), timeout, progress)
+                    random.Random(seed), timeout, progress, outages, pg_folder)
     res.reference_s = t
     check(res, url, ref_root, faults)
     return res
@@ -601,6 +716,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--db", help="a PostgreSQL server URL: a new database is created on it "
                                 "(default: a new SQLite file in --work)")
+    p.add_argument("--pg", action="store_true",
+                   help="start a throwaway PostgreSQL server for the run (tests/pgserver.py; "
+                        "needs the server binaries), e.g. to restart it with --db-outages")
     p.add_argument("--work", type=Path, help="folder for the queue, runs, logs (default: temp)")
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="restrict the sweep, as `plan --only` (repeatable)")
@@ -608,15 +726,20 @@ def main() -> None:
     p.add_argument("--lease", type=float, default=2.0)
     p.add_argument("--faults", type=int, default=60, help="SIGKILL/SIGTERM faults to inject")
     p.add_argument("--freezes", type=int, default=6, help="SIGSTOP/SIGCONT faults on top")
+    p.add_argument("--db-outages", type=int, default=0,
+                   help="database outages on top: PostgreSQL restarts (with --pg), or a SQLite "
+                        "write lock held past the workers' busy timeout")
     p.add_argument("--interval", type=float, nargs=2, default=(0.5, 2.5), metavar=("MIN", "MAX"),
                    help="seconds between faults, drawn uniformly")
     p.add_argument("--seed", type=int)
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
     print(f"work folder: {work}", flush=True)
+    if args.pg and args.db:
+        p.error("--pg starts its own server: give --pg or --db, not both")
     res = chaos(work, args.db, args.only, args.workers, args.lease, args.faults, args.freezes,
                 tuple(args.interval), args.seed,
-                progress=lambda m: print(m, flush=True))
+                progress=lambda m: print(m, flush=True), outages=args.db_outages, pg=args.pg)
     backend = "PostgreSQL" if res.url.startswith("postgresql") else "SQLite"
     print(report(res, backend))
     sys.exit(0 if res.ok else 1)
