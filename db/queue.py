@@ -364,8 +364,8 @@ class JobQueue:
         """Record live progress (throttled by the caller): step, loss, the newest test
         accuracy and balanced accuracy, peak GPU memory. False when the lease was lost.
 
-        One quick try, never retried: progress is advisory, and the training thread that
-        writes it must not wait for the database (a failure still marks an outage).
+        One quick try, never retried: progress is advisory, and a newer one follows within
+        seconds (a failure still marks an outage).
         """
         values = {"step": step, "loss": loss, "progress_at": db_now()}
         if test:

@@ -142,6 +142,55 @@ class Heartbeat:
                          "job over); training goes on", self.claim.name, duration(silent))
 
 
+class ProgressWriter:
+    """Writes a job's newest progress from a thread of its own, reporting to `control`: the
+    training thread only hands it over, and never waits for the database (a slow, locked or
+    silent one included). While the database is away, progress is not written."""
+
+    def __init__(self, queue: JobQueue, control: JobControl):
+        self.queue, self.control, self.claim = queue, control, control.claim
+        self._latest: tuple | None = None
+        self._closing = False
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._write, name="progress", daemon=True)
+
+    def __enter__(self) -> ProgressWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Writes what was handed over last (the end of the job waits for that), then stops."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        self._thread.join()
+
+    def post(self, step: int, loss: float | None, test: dict | None,
+             peak_memory: float | None) -> None:
+        with self._ready:
+            self._latest = (step, loss, test, peak_memory)
+            self._ready.notify()
+
+    def _write(self) -> None:
+        while True:
+            with self._ready:
+                while self._latest is None and not self._closing:
+                    self._ready.wait()
+                latest, self._latest = self._latest, None
+            if latest is None:
+                return
+            if self.queue.outages.down_for is not None:
+                continue  # the database is away: training goes on, progress waits
+            try:
+                lease = self.queue.progress(self.claim, *latest)
+            except DatabaseError as e:  # progress is advisory: training goes on
+                if self.queue.outages.down_for is None:  # not an outage (logged there)
+                    log.warning("%s: progress not recorded: %s", self.claim.name, e)
+                continue
+            if not self.control(lease):
+                return
+
+
 class Worker:
     def __init__(self, queue: JobQueue, gpu: str, lease: float, order: str = "guide",
                  threads: int | None = None, progress_every: float = 30.0):
@@ -262,22 +311,18 @@ class Worker:
         control = JobControl(claim, self.stop_job)
         peak_memory = self._peak_memory_meter()
 
+        progress = ProgressWriter(self.queue, control)
+
         def on_progress(p) -> None:
             nonlocal last_write
             display.update(p.step, p.loss)
             now = time.monotonic()
             if now - last_write >= PROGRESS_INTERVAL or p.step == p.total_steps:
                 last_write = now
-                if self.queue.outages.down_for is not None:
-                    return  # the database is away: training goes on, progress waits
-                try:
-                    control(self.queue.progress(claim, p.step, p.loss, p.test, peak_memory()))
-                except DatabaseError as e:  # progress is advisory: training goes on
-                    if self.queue.outages.down_for is None:  # not an outage (logged there)
-                        log.warning("%s: progress not recorded: %s", claim.name, e)
+                progress.post(p.step, p.loss, p.test, peak_memory())
 
         result = error = None
-        with _logs_around(display), Heartbeat(self.queue, control, self.lease / 4):
+        with _logs_around(display), Heartbeat(self.queue, control, self.lease / 4), progress:
             try:
                 result = run(
                     claim.config, claim.out_dir, device=self.device, on_progress=on_progress,
