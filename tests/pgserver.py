@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -38,8 +39,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(folder: Path) -> str:
-    """Create and start a cluster in `folder`; return a SQLAlchemy URL to it."""
+def start(folder: Path, netns: str | None = None) -> str:
+    """Create and start a cluster in `folder`; return a SQLAlchemy URL to it.
+
+    `netns`: the server runs in that network namespace (`ip netns`): its TCP port is
+    reachable only there; its socket in `folder` (socket_url) from anywhere.
+    """
     initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
     if not initdb or not pg_ctl:
         raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found")
@@ -53,13 +58,18 @@ def start(folder: Path) -> str:
     options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
                "-c max_connections=200")
     (folder / "options").write_text(options)
+    if netns:
+        (folder / "netns").write_text(netns)
     _start(folder)
     (folder / "url").write_text(url_for(port))
     return url_for(port)
 
 
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(_as_server_user(cmd), capture_output=True, text=True)
+def _run(cmd: list[str], netns: str | None = None) -> None:
+    cmd = _as_server_user(cmd)
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
         raise RuntimeError(f"{Path(cmd[0]).name} failed: {' '.join(tail)}")
@@ -67,8 +77,17 @@ def _run(cmd: list[str]) -> None:
 
 def _start(folder: Path) -> None:
     folder = Path(folder).resolve()
+    netns = (folder / "netns").read_text() if (folder / "netns").exists() else None
     _run([find_binary("pg_ctl"), "-D", str(folder / "data"), "-o",
-          (folder / "options").read_text(), "-l", str(folder / "server.log"), "-w", "start"])
+          (folder / "options").read_text(), "-l", str(folder / "server.log"), "-w", "start"],
+         netns)
+
+
+def socket_url(folder: Path, database: str = "postgres") -> str:
+    """A URL to the cluster of `folder` through its Unix socket (from any network namespace)."""
+    folder = Path(folder).resolve()
+    port = re.search(r"-p (\d+)", (folder / "options").read_text()).group(1)
+    return f"postgresql+psycopg://{USER}@/{database}?host={folder}&port={port}"
 
 
 def shutdown(folder: Path, mode: str = "fast") -> None:

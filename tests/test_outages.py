@@ -402,13 +402,16 @@ def fault_free(tmp_path_factory):
 
 class Worker:
     """A worker process (`python -m runner worker --gpu cpu --threads 1 ...`), its log in a
-    file."""
+    file; `netns`: run in that network namespace."""
 
-    def __init__(self, db_url: str, log: Path, *args: str, env: dict | None = None):
+    def __init__(self, db_url: str, log: Path, *args: str, env: dict | None = None,
+                 netns: str | None = None):
         self.log = log
+        inside = ["ip", "netns", "exec", netns] if netns else []   # ip execs: same pid
         with open(log, "w") as f:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--threads", "1", *args],
+                [*inside, PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--threads", "1",
+                 *args],
                 cwd=ROOT, env={**runner_env(db_url), **(env or {})}, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=f)
         self.name = f"{HOST}:cpu:{self.proc.pid}"
@@ -728,3 +731,72 @@ def test_two_workers_ride_out_a_full_disk_under_the_database(small_disk, tmp_pat
         assert "database or disk is full" in w.text().split("WARNING database unreachable: ")[1]
         one_outage_logged(w)
     queue.engine.dispose()
+
+
+@pytest.fixture
+def netns():
+    """A network namespace of this test's own, its loopback up, where a `blackhole` queueing
+    discipline can drop every packet (root, iproute2)."""
+    name = f"runner-outage-{os.getpid()}"
+
+    def ip(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+    made = ip("netns", "add", name)
+    if made.returncode != 0:
+        skip_or_fail(f"cannot create a network namespace here (ip netns add: "
+                     f"{made.stderr.strip()})")
+    try:
+        ip("netns", "exec", name, "ip", "link", "set", "lo", "up")
+        probe = ip("netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "blackhole")
+        if probe.returncode != 0:
+            skip_or_fail(f"cannot drop packets here (tc qdisc add ... blackhole: "
+                         f"{probe.stderr.strip()})")
+        ip("netns", "exec", name, "tc", "qdisc", "del", "dev", "lo", "root")
+        yield name
+    finally:
+        ip("netns", "del", name)
+
+
+@pytest.mark.slow
+def test_two_workers_ride_out_a_silent_network(netns, tmp_path, fault_free):
+    """Every packet between the workers and the server dropped for 20 s (no reset, no
+    refusal: a cable pulled, a host gone). The server and the workers run in a network
+    namespace of the test's own; the test reads the queue through the server's Unix socket.
+    A connection that stops answering is noticed within seconds (TCP keepalives and a
+    timeout on unacknowledged data), not after the kernel's many minutes; training goes on
+    meanwhile, its progress written by a thread of its own."""
+    folder = Path(tempfile.mkdtemp(prefix="runner-pg-outage-"))
+    try:
+        pgserver.start(folder, netns=netns)
+    except Exception as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        skip_or_fail(f"no PostgreSQL server could be started in a network namespace: {e}")
+    try:
+        local = new_pg_database(pgserver.socket_url(folder))
+        name = make_url(local).database
+        port = make_url(local).query["port"]
+        over_tcp = pgserver.url_for(int(port), name)      # 127.0.0.1 inside the namespace
+        queue = plan(local, tmp_path, TWO_JOBS)
+        workers = [Worker(over_tcp, tmp_path / f"worker-{i}.log", "--lease", "60",
+                          netns=netns) for i in range(2)]
+        wait_for(training(queue), what="both jobs training")
+        tc = ["ip", "netns", "exec", netns, "tc", "qdisc"]
+        subprocess.run([*tc, "add", "dev", "lo", "root", "blackhole"], check=True)
+        before = steps_on_disk(queue)
+        time.sleep(20)
+        after = steps_on_disk(queue)
+        subprocess.run([*tc, "del", "dev", "lo", "root"], check=True)
+        # Training went on (no database wait held the training thread up).
+        assert all(b + 50 <= a or a == STEPS for b, a in zip(before, after, strict=True)), \
+            (before, after)
+        for w in workers:
+            assert w.wait() == 0, w.text()[-3000:]
+        jobs = check_all_done_once(queue, fault_free)
+        assert [j["attempts"] for j in jobs] == [1, 1]
+        for w in workers:
+            one_outage_logged(w)          # noticed, not hung on
+        queue.engine.dispose()
+    finally:
+        pgserver.stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
