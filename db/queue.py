@@ -370,13 +370,14 @@ class JobQueue:
                 for r in rows]
 
     def reclaim_dead(self, host: str, is_dead: Callable[[str, str | None], str | None],
-                     by: str) -> list[str]:
+                     by: str) -> list[tuple[str, str]]:
         """Running jobs of this host's workers whose process is gone: back to pending now.
 
         `is_dead(worker_name, process)` says why that worker is dead, or None if it may be
         alive. Only workers on `host` are judged (a pid means nothing elsewhere); other
         hosts' jobs wait for their lease. The dead attempt counts: after max_attempts the
-        job is failed instead. Returns the names reclaimed.
+        job is failed instead (a cancel asked of the dead worker is settled as cancelled).
+        Returns (name, reason) of each job reclaimed.
         """
         reclaimed = []
         with self._write() as conn:
@@ -407,7 +408,7 @@ class JobQueue:
                                 detail={"reason": reason, "by": by, "to": state})
                     conn.execute(update(Worker).where(Worker.name == row.worker)
                                  .values(state="exited", job=None))
-                    reclaimed.append(row.name)
+                    reclaimed.append((row.name, f"worker {row.worker}: {reason}"))
         return reclaimed
 
     def held_elsewhere(self, worker: str) -> list[dict]:
