@@ -300,6 +300,45 @@ def follow_log(queue: JobQueue, job: dict, path: Path, poll: float = 0.5) -> Non
             state = next((j["state"] for j in queue.jobs() if j["id"] == job["id"]), "failed")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the page, which has "
+                   "no authentication, to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port (0: any free port; the URL is printed).")
+@click.pass_context
+def serve(ctx, host, port):
+    """Read-only live dashboard of the queue in a browser, with a JSON API.
+
+    \b
+    The page: progress and ETA, every job (filterable), the sample-complexity
+    figure, and per job its curves, config, events and log. The API:
+    /api/status (= status --json), /api/results (= results --json),
+    /api/jobs/NAME, /api/latest. Ctrl-C stops it.
+    """
+    from runner.serve import Dashboard, bind, is_loopback, open_readonly
+    from runner.serve import serve as run_server
+
+    try:
+        dashboard = Dashboard(open_readonly(ctx.obj["db"]), ctx.obj["db"])
+    except DatabaseError as e:
+        raise BadInput(str(e)) from None
+    try:
+        sock = bind(host, port)
+    except OSError as e:
+        raise BadInput(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                       + (" (choose another --port)" if port else "")) from None
+    if not is_loopback(host):
+        click.echo(f"warning: listening on {host}: the dashboard has no authentication; anyone "
+                   "who can reach this port can read the queue's jobs, configs and logs",
+                   err=True)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"dashboard of {mask_url(ctx.obj['db'])}: http://{shown}:{sock.getsockname()[1]}/"
+               "  (Ctrl-C to stop)", err=False)
+    sys.stdout.flush()
+    run_server(dashboard, sock, host)
+
+
 def main() -> None:
     """Entry point: click errors become one line on stderr with their exit status."""
     try:
