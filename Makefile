@@ -11,7 +11,7 @@ GPUS    ?= 0
 RUNNER  := $(PY) -m runner
 
 .DEFAULT_GOAL := help
-.PHONY: help install plan worker workers status requeue results plot test lint demo clean-demo
+.PHONY: help install plan worker workers status requeue results plot report serve test lint demo clean-demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ results: $(STAMP) ## accuracy table per (V, model, N): mean ± std over runs
 
 plot: $(STAMP) ## sample-complexity figure (runs/sample_complexity.png) and training curves
 	$(RUNNER) plot --out runs/sample_complexity.png
+
+report: $(STAMP) ## the sweep as one self-contained HTML file (runs/report.html)
+	$(RUNNER) report --out runs/report.html
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

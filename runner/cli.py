@@ -339,6 +339,24 @@ def serve(ctx, host, port):
     run_server(dashboard, sock, host)
 
 
+@cli.command()
+@click.option("--out", default="runs/report.html", show_default=True,
+              type=click.Path(dir_okay=False), help="The report (one HTML file).")
+@click.pass_context
+def report(ctx, out):
+    """The sweep as one self-contained HTML file (figures embedded, no network needed).
+
+    What was run, progress, the results table, the sample-complexity figure,
+    training curves per (V, N), failures with their errors, every job.
+    """
+    from runner.report import write
+
+    if not out.lower().endswith((".html", ".htm")):
+        raise BadInput(f"--out '{out}': the report is HTML; name it *.html")
+    path = write(open_queue(ctx), mask_url(ctx.obj["db"]), out)
+    click.echo(f"wrote the report: {path} (open it in a browser)")
+
+
 def main() -> None:
     """Entry point: click errors become one line on stderr with their exit status."""
     try:

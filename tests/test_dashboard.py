@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from db import JobQueue, connect
+from runner.results import spread
 from tests.browser import chrome, keep_artifact
 from tests.conftest import BACKENDS, PYTHON, ROOT, cli, digest, new_pg_database, runner_env
 from trainer.files import METRICS_FILE, read_metrics
@@ -366,3 +367,53 @@ def test_the_page_in_a_browser_shows_the_sweep_and_follows_the_database(sweep, t
         driver.quit()
     assert sweep.proc.poll() is None
 
+
+
+# --- the report ------------------------------------------------------------------------------
+
+EXTERNAL = re.compile(
+    r"""(?:src|href|action|srcset|poster|data)\s*=\s*["']?\s*(?:[a-z][\w+.-]*:)?//""", re.I)
+
+
+def test_report_is_one_self_contained_file_with_the_sweep(sweep, tmp_path):
+    out = tmp_path / "report.html"
+    made = cli(sweep.url, "report", "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    page = out.read_text()
+    assert not EXTERNAL.search(page) and "http://" not in page and "https://" not in page
+    assert "url(" not in page and "@import" not in page and "<link" not in page
+    images = re.findall(r"<img[^>]*src=\"([^\"]+)\"", page)
+    assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    for name, state in EXPECTED.items():
+        assert re.search(rf"<td>{name}</td><td><span class='state {state}'>", page), name
+    assert "profile</dt><dd>smoke (6 jobs)" in page and "overrides</dt><dd>none" in page
+    assert "Failures (1)" in page and "IsADirectoryError" in page and "Traceback" in page
+    results = cli_json(sweep.url, "results", "--json")["rows"]
+    gpt2 = next(r for r in results if r["model"] == "gpt2")
+    assert f"<td>{spread(gpt2['accuracy'])}</td>" in page
+    assert PASSWORD not in page and str(sweep.folder) not in page and str(ROOT) not in page
+
+
+@pytest.mark.slow
+def test_report_opens_offline_in_a_browser_with_every_figure(sweep, tmp_path):
+    out = tmp_path / "report.html"
+    assert cli(sweep.url, "report", "--out", str(out)).returncode == 0
+    driver = chrome(offline=True)
+    try:
+        driver.get(out.as_uri())
+        state = driver.execute_script(
+            "const imgs = [...document.images];"
+            "return {n: imgs.length, loaded: imgs.filter(i => i.complete && i.naturalWidth > 0)"
+            ".length, title: document.title,"
+            "online: navigator.onLine}")
+        assert state == {"n": 2, "loaded": 2, "title": "Sweep report", "online": False}
+        # the browser really is offline: the server next door cannot be reached from the page
+        reached = driver.execute_async_script(
+            "const done = arguments[0];"
+            f"fetch('{sweep.base}api/info').then(() => done(true), () => done(false))")
+        assert reached is False
+        shot = tmp_path / f"report-{sweep.backend}.png"
+        driver.save_screenshot(str(shot))
+        keep_artifact(shot)
+    finally:
+        driver.quit()
