@@ -357,6 +357,43 @@ def report(ctx, out):
     click.echo(f"wrote the report: {path} (open it in a browser)")
 
 
+@cli.command()
+@click.option("--tensorboard", "tb_dir", required=True, type=click.Path(file_okay=False),
+              metavar="DIR", help="Where the TensorBoard runs go (one folder per job).")
+@click.option("--follow", is_flag=True,
+              help="Keep exporting new points until no job is pending or running (or Ctrl-C).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=10, show_default=True,
+              metavar="SECONDS", help="With --follow: seconds between passes.")
+@click.pass_context
+def export(ctx, tb_dir, follow, interval):
+    """Every job's metrics.jsonl as TensorBoard event files, its config as hparams.
+
+    One run per job, named as the job. Running it again adds only new points.
+    Needs the tensorboard extra (pip install -e '.[tensorboard]'); view with
+    `tensorboard --logdir DIR`.
+    """
+    from runner.export import Exporter, MissingExtra
+
+    queue = open_queue(ctx)
+    try:
+        exporter = Exporter(tb_dir)
+    except MissingExtra as e:
+        raise BadInput(str(e)) from None
+    try:
+        while True:
+            jobs = queue.jobs()
+            written = exporter.export(jobs)
+            click.echo(f"exported {sum(written.values())} new point(s) from {len(written)} "
+                       f"job(s) to {tb_dir}")
+            if not follow or not any(j["state"] in ("pending", "running") for j in jobs):
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        exporter.close()
+
+
 def main() -> None:
     """Entry point: click errors become one line on stderr with their exit status."""
     try:
