@@ -52,8 +52,11 @@ results: $(STAMP) ## accuracy table per (V, model, N): mean ± std over runs
 plot: $(STAMP) ## sample-complexity figure (runs/sample_complexity.png) and training curves
 	$(RUNNER) plot --out runs/sample_complexity.png
 
-report: $(STAMP) ## the sweep as one self-contained HTML file (runs/report.html)
-	$(RUNNER) report --out runs/report.html
+report: $(STAMP) ## the sweep as one self-contained HTML file (runs/report.html; DB=URL)
+	$(RUNNER) $(if $(DB),--db $(DB)) report --out runs/report.html
+
+serve: $(STAMP) ## the live dashboard on http://127.0.0.1:8765/ (DB=URL for another queue)
+	$(RUNNER) $(if $(DB),--db $(DB)) serve
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
@@ -65,7 +68,7 @@ test: $(STAMP) ## lint and the test suite (what CI runs)
 
 DEMO_DB := sqlite:///runs/demo/queue.sqlite
 
-demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status, results, figure
+demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status, results, figure, report
 	rm -rf runs/demo
 	$(RUNNER) --db $(DEMO_DB) plan --profile smoke --out-root runs/demo
 	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu --threads 1 > runs/demo-worker-1.log 2>&1 & \
@@ -74,3 +77,7 @@ demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status, results
 	$(RUNNER) --db $(DEMO_DB) status
 	$(RUNNER) --db $(DEMO_DB) results
 	$(RUNNER) --db $(DEMO_DB) plot --out runs/demo/sample_complexity.png
+	$(RUNNER) --db $(DEMO_DB) report --out runs/demo/report.html
+	@echo ""
+	@echo "Open runs/demo/report.html in a browser, or the live dashboard of this queue:"
+	@echo "  make serve DB=$(DEMO_DB)    then http://127.0.0.1:8765/"

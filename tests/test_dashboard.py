@@ -417,3 +417,9 @@ def test_report_opens_offline_in_a_browser_with_every_figure(sweep, tmp_path):
         keep_artifact(shot)
     finally:
         driver.quit()
+
+
+def test_readme_shows_a_small_dashboard_screenshot():
+    shot = ROOT / "docs" / "dashboard.png"
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size < 300_000
+    assert "](docs/dashboard.png)" in (ROOT / "README.md").read_text()
