@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,16 @@ def test_a_stopped_and_resumed_job_is_one_wandb_run_with_each_step_once(tmp_path
     second = run(config, out)
     assert second.outcome == "completed"
 
-    runs = read_runs(tmp_path / "wb")
+    # wandb's service writes the offline files in the background: let it finish them
+    wandb = need("wandb", WB)
+    wandb.teardown()
+    deadline = time.monotonic() + 60
+    while True:
+        runs = read_runs(tmp_path / "wb")
+        if (len(runs) == 2 and all("id" in r for r in runs)
+                and sum(len(r["steps"]) for r in runs) >= 30) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(runs) == 2                                     # one offline file per attempt
     assert {r["id"] for r in runs} == {json.loads((out / RUN_FILE).read_text())["id"]}
     assert {r["name"] for r in runs} == {out.name} and {r["project"] for r in runs} == {"tc-test"}
