@@ -25,6 +25,7 @@ import transformers
 
 from models import build_model
 from trainer import checkpoint as ckpt
+from trainer import tracking
 from trainer.atomic import write_json_atomic, write_yaml_atomic
 from trainer.config import ConfigError, resume_conflicts, validate
 from trainer.data import build_eval_set, build_pool, derive_seed, embed, sample_indices, token_table
@@ -108,13 +109,20 @@ def run(
             log(f"=== {header} ===")
         for path in ckpt.remove_temp_files(out):  # left by a process killed mid-write
             log(f"removed {path.relative_to(out)}: an unfinished write")
-        return _train(config, out, dev, on_progress, stop or threading.Event(), log)
+        track = tracking.for_config(config, out, log)
+        try:
+            result = _train(config, out, dev, on_progress, stop or threading.Event(), log, track)
+        except BaseException:
+            track.finish(failed=True)
+            raise
+        track.finish()
+        return result
     finally:
         torch.use_deterministic_algorithms(deterministic)
         lock.release()
 
 
-def _train(config, out, device, on_progress, stop, log) -> RunResult:
+def _train(config, out, device, on_progress, stop, log, track) -> RunResult:
     m, t, e = config["model"], config["training"], config["evaluation"]
     V, C, rho = m["V"], m["C"], t["task_kwargs"]["rho"]
     run_seed = config["seeds"]["run"]
@@ -154,6 +162,7 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
         log(f"starting {m['family']} V={V} N={t['num_training_examples']} on {device}")
     ckpt.truncate_metrics(out, start)  # records past the state are recomputed
     write_yaml_atomic(out / ckpt.CONFIG_FILE, config)
+    track.start(start)  # optional W&B run; logs the records from `start` on
 
     def save(step: int) -> None:
         ckpt.save_state(out, {
@@ -193,6 +202,7 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
         if _inode(out) != folder:
             raise FolderMoved(f"{out} was moved away while training; stopping without writing")
         ckpt.append_metrics(out, record)
+        track.log(record)
         if evaluated and done < total:
             test = last_eval[1]
             log(f"step {done}/{total}: loss {loss_value:.4f}, train accuracy {train_acc:.4f}, "
