@@ -54,7 +54,7 @@ def tag(key: str) -> str | None:
 
 def hparams(job: dict) -> dict:
     """The job's resolved config, flattened to dotted keys, plus its sweep coordinates."""
-    from runner.views import flatten
+    from runner.results import flatten
 
     out = {"job.V": job["v"], "job.N": job["n"], "job.model": job["model"], "job.run": job["run"]}
     for key, value in flatten(job["config"]).items():

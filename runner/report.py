@@ -16,9 +16,9 @@ import html
 import time
 from pathlib import Path
 
-from runner.progress import eta_line, sweep_progress
-from runner.results import TEXT_HEADERS, aggregate, text_cells
-from runner.status import attempt_starts
+from runner.progress import eta_line
+from runner.results import TEXT_HEADERS, aggregate, run_lines, text_cells
+from runner.status import snapshot
 from runner.views import (
     Redactor,
     newest_eval,
@@ -70,10 +70,10 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
 
 def build(queue, queue_label: str) -> str:
     """The report's HTML for the queue as it is now."""
-    counts, jobs = queue.counts(), queue.jobs()
+    snap = snapshot(queue)
+    counts, jobs, progress = snap["counts"], snap["jobs"], snap["progress"]
     red = Redactor(jobs)
     results = aggregate(jobs)
-    progress = sweep_progress(jobs, attempt_starts(queue, jobs))
     run = what_was_run(jobs)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>Sweep report</title><style>{STYLE}</style></head><body>",
@@ -83,8 +83,9 @@ def build(queue, queue_label: str) -> str:
              "</p>"]
 
     # What was run.
-    profiles = ", ".join(f"{p} ({n} jobs)" for p, n in run["profiles"].items()) or "–"
-    overrides = "; ".join(f"{k} = {' | '.join(v)}" for k, v in run["overrides"].items())
+    profiles = ", ".join(run["profiles"]) or "–"
+    overrides = " | ".join(o for o in run["overrides"] if o)
+    verdict = run_lines(run)[1] if jobs else ""
     grid = run["grid"]
     versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
     parts += ["<h2>What was run</h2><dl>",
@@ -92,6 +93,7 @@ def build(queue, queue_label: str) -> str:
               f"models {_e(', '.join(grid['model']))}, runs {_e(grid['run'])}</dd>",
               f"<dt>profile</dt><dd>{_e(profiles)}</dd>",
               f"<dt>overrides</dt><dd>{_e(overrides or 'none (the profile as it is)')}</dd>",
+              f"<dt>the study?</dt><dd>{_e(verdict)}</dd>",
               f"<dt>training steps</dt><dd>{_e(', '.join(map(str, run['train_steps'])))}</dd>",
               f"<dt>workers</dt><dd>{_e(', '.join(run['workers']) or '–')}</dd>",
               f"<dt>versions</dt><dd>{_e(versions)} <span class='muted'>(of the environment "
@@ -101,7 +103,7 @@ def build(queue, queue_label: str) -> str:
     parts += ["<h2>Progress</h2><p>"
               + " · ".join(f"<span class='state {_e(s)}'>{_e(s)} {n}</span>"
                            for s, n in counts.items())
-              + f"</p><p>{_e(eta_line(progress))}</p>"]
+              + f"</p><p>{_e(eta_line(progress, counts))}</p>"]
 
     # Results and the sample-complexity figure.
     parts.append("<h2>Results</h2>")

@@ -65,8 +65,8 @@ class Dashboard:
     def status(self) -> dict:
         from runner.views import status_payload
 
-        counts, jobs, redactor = self.snapshot()
-        return status_payload(self.queue, jobs, counts, self.starts_cache, redactor)
+        _, _, redactor = self.snapshot()
+        return status_payload(self.queue, self.starts_cache, redactor)
 
     def results(self) -> dict:
         from runner.results import aggregate
@@ -78,7 +78,7 @@ class Dashboard:
     def latest(self) -> dict:
         from runner.views import latest_payload
 
-        return latest_payload(self.queue.jobs())
+        return latest_payload(self.queue.jobs(), self.queue.workers())
 
     def job(self, name: str) -> dict | None:
         from runner.views import JOB_NAME, job_detail, status_payload
@@ -89,7 +89,7 @@ class Dashboard:
         job = next((j for j in jobs if j["name"] == name), None)
         if job is None:
             return None
-        doc = status_payload(self.queue, jobs, counts, self.starts_cache, redactor)
+        doc = status_payload(self.queue, self.starts_cache, redactor)
         row = next(r for r in doc["jobs"] if r["name"] == name)
         return job_detail(self.queue, job, row, redactor)
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from runner.results import Results, to_json
-from runner.status import attempt_starts, status_json
+from runner.results import what_was_run as results_what_was_run
+from runner.status import snapshot, stale_reason, status_json
 from trainer.files import CONFIG_FILE, LOG_FILE, METRICS_FILE, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,10 +97,9 @@ def _short_path(match: re.Match) -> str:
 # --- the documented payloads ---------------------------------------------------------
 
 
-def status_payload(queue, jobs: list[dict], counts: dict, cache: dict,
-                   redactor: Redactor) -> dict:
+def status_payload(queue, cache: dict, redactor: Redactor) -> dict:
     """`status --json`, job folders relative to the runs folder, texts redacted."""
-    doc = json.loads(status_json(counts, jobs, attempt_starts(queue, jobs, cache)))
+    doc = json.loads(status_json(snapshot(queue, cache)))
     for row in doc["jobs"]:
         row["out_dir"] = redactor.folder(row["out_dir"])
     return redactor.tree(doc)
@@ -135,15 +135,12 @@ def newest_eval(out_dir: str) -> dict | None:
     return _newest_eval(str(path), st.st_mtime_ns, st.st_size)
 
 
-def is_stale(job: dict) -> bool:
-    """A running job whose heartbeat is older than its lease: its worker may be gone."""
-    return (job["state"] == "running" and job["heartbeat_age"] is not None
-            and job["heartbeat_age"] > (job["lease_seconds"] or 60))
-
-
-def latest_payload(jobs: list[dict]) -> dict:
-    """Per job: the newest evaluation (running jobs have no final one yet), stale or not."""
-    return {"jobs": {j["name"]: {"eval": newest_eval(j["out_dir"]), "stale": is_stale(j),
+def latest_payload(jobs: list[dict], workers: list[dict]) -> dict:
+    """Per job: the newest evaluation (running jobs have no final one yet), stale or not
+    (silent past its lease, or its worker on this host gone: runner.status.stale_reason)."""
+    processes = {w["name"]: w["process"] for w in workers}
+    return {"jobs": {j["name"]: {"eval": newest_eval(j["out_dir"]),
+                                 "stale": stale_reason(j, processes) is not None,
                                  "lease_seconds": j["lease_seconds"]} for j in jobs}}
 
 
@@ -218,54 +215,12 @@ def fingerprint(doc) -> str:
 # --- what was run ----------------------------------------------------------------------
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def flatten(tree: dict) -> dict:
-    """{'training.train_steps': 30, ...}: a nested config as dotted keys."""
-    return _flatten(tree)
-
-
-def _profile_of(job: dict) -> tuple[str | None, dict]:
-    """The profile a job's config came from and its keys that differ from it (--set)."""
-    from trainer.config import PROFILES, ConfigError, resolve
-
-    got = flatten(job["config"])
-    best: tuple[str | None, dict] = (None, {})
-    for profile in PROFILES:
-        try:
-            ref = flatten(resolve(job["model"], job["v"], job["n"], job["run"], profile))
-        except ConfigError:
-            continue
-        diff = {k: v for k, v in got.items() if k in ref and ref[k] != v}
-        diff.update({k: v for k, v in got.items() if k not in ref})
-        if best[0] is None or len(diff) < len(best[1]):
-            best = (profile, diff)
-    return best
-
-
 def what_was_run(jobs: list[dict]) -> dict:
-    """Profiles (read back from the configs), overrides, steps, workers, versions."""
-    profiles: dict[str, int] = {}
-    overrides: dict[str, set] = {}
-    for job in jobs:
-        profile, diff = _profile_of(job)
-        profiles[profile or "unknown"] = profiles.get(profile or "unknown", 0) + 1
-        for key, value in diff.items():
-            overrides.setdefault(key, set()).add(json.dumps(value))
+    """runner.results.what_was_run, plus the grid, the workers and the versions."""
+    run = results_what_was_run(jobs)
     workers = sorted({":".join(j["worker"].split(":")[:2]) for j in jobs if j["worker"]})
     return {
-        "jobs": len(jobs),
-        "profiles": profiles,
-        "overrides": {k: sorted(v) for k, v in sorted(overrides.items())},
-        "train_steps": sorted({j["total_steps"] for j in jobs}),
+        **run,
         "grid": {"V": sorted({j["v"] for j in jobs}), "N": sorted({j["n"] for j in jobs}),
                  "model": list(dict.fromkeys(j["model"] for j in jobs)),
                  "run": sorted({j["run"] for j in jobs})},
