@@ -1,4 +1,5 @@
-"""The trainer: exact resume after a stop or a SIGKILL, corrupt-state fallback, folder lock."""
+"""The trainer: exact resume after a stop or a SIGKILL, corrupt-state fallback, folder lock,
+checkpoints written in the background."""
 
 import json
 import os
@@ -153,3 +154,51 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert "bad.yaml" in proc.stderr and "missing key" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+# --- checkpoints written in the background ------------------------------------------------------
+
+
+def test_checkpoint_writes_overlap_training_and_hold_their_own_step(reference, tmp_path,
+                                                                    monkeypatch):
+    """The state after step 6 is written while training runs on to step 9, on another thread;
+    it still holds step 6 exactly: a run resumed from it ends bit-identical."""
+    reached_9, writers = threading.Event(), []
+    real_save = ckpt.save_state
+
+    def slow_save(out, state):
+        writers.append(threading.current_thread().name)
+        if state["step"] == 6:
+            assert reached_9.wait(30), "training did not go on while the state was written"
+        return real_save(out, state)
+
+    monkeypatch.setattr(ckpt, "save_state", slow_save)
+    stop = threading.Event()
+
+    def on_progress(p):
+        if p.step == 9:
+            reached_9.set()
+            stop.set()
+
+    result = run(smoke(), tmp_path, on_progress=on_progress, stop=stop)
+    monkeypatch.undo()
+    # The stop waited for both writes: the state at 9 is complete when run() returns.
+    assert (result.outcome, result.step) == ("stopped", 9)
+    assert [ckpt._read_state(p)["step"] for p in ckpt.list_states(tmp_path)] == [9, 6]
+    assert set(writers) == {"checkpoint-writer"}
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint-writer"]
+    for path in (ckpt.list_states(tmp_path)[0], ckpt.list_states(tmp_path)[0].with_suffix(".json")):
+        path.unlink()
+    assert run(smoke(), tmp_path).outcome == "completed"
+    assert "resuming at step 6/23" in (tmp_path / ckpt.LOG_FILE).read_text()
+    assert_same_run(reference["lowrank_gpt2"], tmp_path)
+
+
+def test_a_failed_background_write_fails_the_run(tmp_path, monkeypatch):
+    def disk_full(out, state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_state", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(smoke(), tmp_path)
+    assert ckpt.list_states(tmp_path) == []

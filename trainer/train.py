@@ -4,6 +4,10 @@ Reads top to bottom: lock the folder -> config -> data -> model/optimiser ->
 resume or start -> one loop (batch -> forward/backward -> step -> log ->
 evaluate/checkpoint every N) -> final evaluation.
 
+Checkpoints are copied to host memory at the step boundary and written by a
+background thread (trainer.checkpoint.BackgroundWriter) while training goes
+on; a stop, the end of the run and any exit wait for the write in flight.
+
 `run()` may be called many times in one process (a worker runs job after job):
 it touches no global state beyond seeding torch's RNG inside a forked scope and
 restores the deterministic-algorithms switch it sets.
@@ -16,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import filelock
@@ -94,6 +99,7 @@ def run(
     except filelock.Timeout:
         raise FolderBusy(f"{out} is in use by another process") from None
     deterministic = torch.are_deterministic_algorithms_enabled()
+    writer = ckpt.BackgroundWriter()
     try:
         dev = torch.device(device)
         if dev.type == "cpu":
@@ -103,13 +109,16 @@ def run(
             log(f"=== {header} ===")
         for path in ckpt.remove_temp_files(out):  # left by a process killed mid-write
             log(f"removed {path.relative_to(out)}: an unfinished write")
-        return _train(config, out, dev, on_progress, stop or threading.Event(), log)
+        return _train(config, out, dev, on_progress, stop or threading.Event(), log, writer)
     finally:
+        # Never release the folder with a write in flight. Its error, if any, is dropped here
+        # only when another exception is already on its way out (otherwise _train raised it).
+        writer.join()
         torch.use_deterministic_algorithms(deterministic)
         lock.release()
 
 
-def _train(config, out, device, on_progress, stop, log) -> RunResult:
+def _train(config, out, device, on_progress, stop, log, writer) -> RunResult:
     m, t, e = config["model"], config["training"], config["evaluation"]
     V, C, rho = m["V"], m["C"], t["task_kwargs"]["rho"]
     run_seed = config["seeds"]["run"]
@@ -149,22 +158,30 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
     ckpt.truncate_metrics(out, start)  # records past the state are recomputed
     write_yaml_atomic(out / ckpt.CONFIG_FILE, config)
 
-    def save(step: int) -> None:
-        ckpt.save_state(out, {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": ckpt.capture_rng(device, batches),
-            "config": config,
-            "versions": {"torch": str(torch.__version__),
-                         "transformers": str(transformers.__version__)},
-            "device": _device_name(device),
-        })
+    def checkpoint(i: int, keep_snapshot: bool, save_state: bool) -> None:
+        """Host copies now; serialising and writing go on in the background."""
+        weights = ckpt.to_host(model.state_dict())
+        writes = []
+        if keep_snapshot:
+            writes.append(partial(ckpt.save_snapshot, out, i, weights))
+        if save_state:
+            writes.append(partial(ckpt.save_state, out, {
+                "step": i + 1,
+                "model": weights,
+                "optimizer": ckpt.to_host(optimizer.state_dict()),
+                "rng": ckpt.to_host(ckpt.capture_rng(device, batches)),
+                "config": config,
+                "versions": {"torch": str(torch.__version__),
+                             "transformers": str(transformers.__version__)},
+                "device": _device_name(device),
+            }))
+        writer.submit(writes)
 
     model.train()
     started, done = time.monotonic(), start
     last_eval: tuple[int, dict] = (-1, {})  # (steps done, metrics) of the newest evaluation
     for i in range(start, total):
+        writer.check()  # a failed write stops the run now, not at the next checkpoint
         idx = sample_indices(t["num_training_examples"], t["batch_size"], batches).to(device)
         x, y = embed(pool_ids[idx], tokens), pool_y[idx]  # (B, L, n_dims), (B,)
         logits = model(x)                                   # (B,) last position
@@ -187,16 +204,18 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
             on_progress(Progress(done, total, loss_value, train_acc))
 
         # Same cadence as the reference: state every save_every steps (step 0
-        # included), snapshot every keep_every steps after 0; plus the last step.
-        if i % t["keep_every_steps"] == 0 and i > 0:
-            ckpt.save_snapshot(out, i, model.state_dict())
-        if i % t["save_every_steps"] == 0 or done == total:
-            save(done)
-        if stop.is_set() and done < total:
-            if i % t["save_every_steps"] != 0:
-                save(done)
+        # included), snapshot every keep_every steps after 0; plus the last step,
+        # and a state at whatever step a stop lands on.
+        stopping = stop.is_set() and done < total
+        keep_snapshot = i % t["keep_every_steps"] == 0 and i > 0
+        save_state = i % t["save_every_steps"] == 0 or done == total or stopping
+        if keep_snapshot or save_state:
+            checkpoint(i, keep_snapshot, save_state)
+        if stopping:
+            writer.wait()
             log(f"stopped on request at step {done}/{total}; state saved")
             return RunResult("stopped", done)
+    writer.wait()  # the final state is on disk before the result is written
 
     # The last step's evaluation is the final one; recompute only when no step ran.
     metrics = last_eval[1] if last_eval[0] == total else evaluate(model, eval_ids, eval_y, tokens)
