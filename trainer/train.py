@@ -15,6 +15,7 @@ restores the deterministic-algorithms switch it sets.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
@@ -109,7 +110,8 @@ def run(
             log(f"=== {header} ===")
         for path in ckpt.remove_temp_files(out):  # left by a process killed mid-write
             log(f"removed {path.relative_to(out)}: an unfinished write")
-        return _train(config, out, dev, on_progress, stop or threading.Event(), log, writer)
+        with float32_matmuls(config["training"]["precision"], dev):
+            return _train(config, out, dev, on_progress, stop or threading.Event(), log, writer)
     finally:
         # Never release the folder with a write in flight. Its error, if any, is dropped here
         # only when another exception is already on its way out (otherwise _train raised it).
@@ -154,9 +156,12 @@ def _train(config, out, device, on_progress, stop, log, writer) -> RunResult:
         start = state["step"]
         log(f"resuming at step {start}/{total} from state-{start:07d}")
     else:
-        log(f"starting {m['family']} V={V} N={t['num_training_examples']} on {device}")
+        log(f"starting {m['family']} V={V} N={t['num_training_examples']} on {device}, "
+            f"{t['precision']}")
     ckpt.truncate_metrics(out, start)  # records past the state are recomputed
     write_yaml_atomic(out / ckpt.CONFIG_FILE, config)
+
+    precision = t["precision"]
 
     def checkpoint(i: int, keep_snapshot: bool, save_state: bool) -> None:
         """Host copies now; serialising and writing go on in the background."""
@@ -184,7 +189,8 @@ def _train(config, out, device, on_progress, stop, log, writer) -> RunResult:
         writer.check()  # a failed write stops the run now, not at the next checkpoint
         idx = sample_indices(t["num_training_examples"], t["batch_size"], batches).to(device)
         x, y = embed(pool_ids[idx], tokens), pool_y[idx]  # (B, L, n_dims), (B,)
-        logits = model(x)                                   # (B,) last position
+        with autocast(precision, device):
+            logits = model(x).float()                       # (B,) last position
         loss = F.binary_cross_entropy_with_logits(logits, (y + 1).float() / 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -197,7 +203,7 @@ def _train(config, out, device, on_progress, stop, log, writer) -> RunResult:
         done = i + 1
         record = {"step": i, "loss": loss_value, "train_accuracy": train_acc}
         if i % e["eval_every"] == 0 or done == total:
-            last_eval = (done, evaluate(model, eval_ids, eval_y, tokens))
+            last_eval = (done, evaluate(model, eval_ids, eval_y, tokens, precision))
             record.update({f"test_{k}": v for k, v in last_eval[1].items()})
         ckpt.append_metrics(out, record)
         if on_progress:
@@ -218,7 +224,8 @@ def _train(config, out, device, on_progress, stop, log, writer) -> RunResult:
     writer.wait()  # the final state is on disk before the result is written
 
     # The last step's evaluation is the final one; recompute only when no step ran.
-    metrics = last_eval[1] if last_eval[0] == total else evaluate(model, eval_ids, eval_y, tokens)
+    metrics = (last_eval[1] if last_eval[0] == total
+               else evaluate(model, eval_ids, eval_y, tokens, precision))
     metrics = {**metrics, "step": total, "eval_examples": int(eval_y.numel())}
     write_json_atomic(out / ckpt.EVAL_FILE, metrics)
     elapsed = time.monotonic() - started
@@ -228,13 +235,36 @@ def _train(config, out, device, on_progress, stop, log, writer) -> RunResult:
     return RunResult("completed", total, metrics)
 
 
+def autocast(precision: str, device: torch.device):
+    """bf16: the forward pass under autocast (weights, gradients, Adam and the loss stay
+    float32). fp32 and tf32: a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def float32_matmuls(precision: str, device: torch.device):
+    """On CUDA, float32 matmuls in TF32 for `tf32` and in full float32 otherwise; restored on
+    exit. TF32 is a GPU format: on the CPU every precision but bf16 is plain float32."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @torch.no_grad()
-def evaluate(model, ids: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor) -> dict:
+def evaluate(model, ids: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor,
+             precision: str = "fp32") -> dict:
     """Accuracy, balanced accuracy, majority-class rate and loss on a fixed set."""
     was_training = model.training
     model.eval()
-    logits = torch.cat([model(embed(ids[s:s + EVAL_BATCH], tokens))
-                        for s in range(0, ids.shape[0], EVAL_BATCH)])
+    with autocast(precision, ids.device):
+        logits = torch.cat([model(embed(ids[s:s + EVAL_BATCH], tokens)).float()
+                            for s in range(0, ids.shape[0], EVAL_BATCH)])
     model.train(was_training)
     target = (y > 0)
     pred = logits > 0
