@@ -151,7 +151,9 @@ def _project(block: GPT2Block, a: torch.Tensor, which: str) -> tuple[torch.Tenso
     E = a.shape[-1]
     start, stop = "qkv".index(which[0]) * E, ("qkv".index(which[-1]) + 1) * E
     W, b = block.attn.c_attn.weight, block.attn.c_attn.bias
-    return (a @ W[:, start:stop] + b[start:stop]).split(E, dim=-1)
+    # addmm, as Conv1D itself does (so autocast treats the bias the same way too).
+    y = torch.addmm(b[start:stop], a.reshape(-1, E), W[:, start:stop])
+    return y.view(*a.shape[:-1], stop - start).split(E, dim=-1)
 
 
 def _heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
