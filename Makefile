@@ -33,11 +33,12 @@ plan: $(STAMP) ## write the sweep into the queue (SWEEP=, PROFILE=); idempotent
 worker: $(STAMP) ## one worker on GPU=0 (GPU=cpu for the CPU)
 	$(RUNNER) worker --gpu $(GPU)
 
-workers: $(STAMP) ## one background worker per GPU in GPUS="0 1 2 3", logs in runs/logs/
+workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" ("0 0": two on GPU 0), logs in runs/logs/
 	@mkdir -p runs/logs
-	@for g in $(GPUS); do \
-	  nohup $(RUNNER) worker --gpu $$g > runs/logs/worker-$$g.log 2>&1 & \
-	  echo "worker on GPU $$g: pid $$!, log runs/logs/worker-$$g.log"; \
+	@i=0; for g in $(GPUS); do \
+	  i=$$((i + 1)); log=runs/logs/worker-$$i-gpu$$g.log; \
+	  nohup $(RUNNER) worker --gpu $$g > $$log 2>&1 & \
+	  echo "worker $$i on GPU $$g: pid $$!, log $$log"; \
 	done
 
 status: $(STAMP) ## the status table
