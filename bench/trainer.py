@@ -23,9 +23,11 @@ snapshots) into those parts, then extrapolates the 60-run sweep.
 
 --compare: for the small and full profiles (or --profile), per model and V, seconds per
 training step (data + forward + backward + Adam) with the dense oracle (model.forward_dense)
-and with the structured forward (model.forward), from the same initial weights, the two
-alternating round by round so load on the machine hits both alike; then their ratio against
-the targets of the project's issue 10. Full profile: --full-steps rounds of one step each.
+and with the structured forward (model.forward), from the same initial weights, alternating
+step by step so load on the machine hits both alike; the median step of each and their ratio,
+against the targets of the project's issue 10. Rounds: --repeats x --steps at the small
+profile, --full-steps at the full one. --compile adds the structured forward under
+torch.compile and the seconds its warm-up (compilation) took.
 
 It prints figures only; it checks nothing.
 """
@@ -238,35 +240,50 @@ def default_mode(args, dev: torch.device) -> None:
 def compare_mode(args, dev: torch.device) -> None:
     profiles = [args.profile] if args.profile else ["small", "full"]
     print(f"seconds per training step (data + forward + backward + Adam), N={N}; dense "
-          "(forward_dense) and structured (forward) alternate round by round; median of rounds")
-    print(f"small: warm-up {args.warmup}, {args.repeats} rounds x {args.steps} steps; full: "
-          f"warm-up 1, {args.full_steps} rounds x 1 step\n")
+          "(forward_dense) and structured (forward) alternate step by step; median step")
+    if args.compile:
+        print("compiled: the structured forward under torch.compile(model, dynamic=False), in "
+              "the same rounds; compile s: its warm-up steps, compilation included")
+    print(f"small: warm-up {args.warmup}, {args.repeats * args.steps} rounds; full: warm-up 1, "
+          f"{args.full_steps} rounds; one step of each forward per round\n")
     head = (f"{'profile':7} {'model':12} {'V':>3} {'dense':>9} {'structured':>10} {'ratio':>7}"
-            f" {'target':>7}")
+            f" {'target':>13}")
+    if args.compile:
+        head += f" {'compiled':>9} {'vs struct.':>10} {'compile s':>9}"
     print(head + "\n" + "-" * len(head))
     for profile in profiles:
-        warmup, rounds, steps = ((1, args.full_steps, 1) if profile == "full"
-                                 else (args.warmup, args.repeats, args.steps))
+        # One step per round: the finest interleaving, so a burst of load on the machine
+        # lands on both forwards alike and the medians shrug it off.
+        warmup, rounds = ((1, args.full_steps) if profile == "full"
+                          else (args.warmup, args.repeats * args.steps))
         for V in args.V or VS:
             for family in args.model or FAMILIES:
-                dense, structured = Job(family, V, profile, dev), Job(family, V, profile, dev)
-                runs = {"dense": (dense, dense.model.forward_dense),
-                        "structured": (structured, structured.model.forward)}
-                for job, forward in runs.values():
+                runs = {}
+                for name in ("dense", "structured", "compiled")[:3 if args.compile else 2]:
+                    job = Job(family, V, profile, dev)  # the same initial weights every time
+                    forward = {"dense": job.model.forward_dense, "structured": job.model.forward,
+                               "compiled": torch.compile(job.model, dynamic=False)}[name]
+                    start = time.perf_counter()
                     for _ in range(warmup):
                         job.step(forward)
+                    runs[name] = (job, forward, time.perf_counter() - start)
                 per_round = {name: [] for name in runs}
                 for _ in range(rounds):
-                    for name, (job, forward) in runs.items():
-                        per_round[name].append(
-                            sum(sum(job.step(forward).values()) for _ in range(steps)) / steps)
-                d, s = (statistics.median(per_round[name]) for name in runs)
+                    for name, (job, forward, _) in runs.items():
+                        per_round[name].append(sum(job.step(forward).values()))
+                median = {name: statistics.median(per_round[name]) for name in runs}
+                d, s = median["dense"], median["structured"]
                 target = TARGETS.get((profile, family, V))
-                verdict = "" if target is None else (f"{target:6.2f}x "
+                verdict = "" if target is None else (f"{target:.2f}x "
                                                      + ("met" if d / s >= target else "MISSED"))
-                print(f"{profile:7} {family:12} {V:>3} {d:9.4f} {s:10.4f} {d / s:6.2f}x "
-                      f"{verdict}", flush=True)
-                del dense, structured, runs
+                line = (f"{profile:7} {family:12} {V:>3} {d:9.4f} {s:10.4f} {d / s:6.2f}x "
+                        f"{verdict:>13}")
+                if args.compile:
+                    c = median["compiled"]
+                    line += f" {c:9.4f} {s / c:9.2f}x {runs['compiled'][2]:9.1f}"
+                print(line, flush=True)
+                del runs
+                torch._dynamo.reset()  # compile each job afresh, as a new worker process would
 
 
 def main() -> None:
@@ -279,7 +296,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--full-steps", type=int, default=2,
+    p.add_argument("--compile", action="store_true",
+                   help="--compare: also the structured forward under torch.compile")
+    p.add_argument("--full-steps", type=int, default=3,
                    help="--compare, full profile: rounds of one step each (after one warm-up)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the machine's default)")
