@@ -142,8 +142,9 @@ class GPT2Backbone(nn.Module):
 
 
 # --- layer functions for the structured forward ------------------------------------------------
-# Each runs one GPT2Block on hidden states h (N, T, E) exactly as GPT2Block.forward does
-# (pre-norm attention + residual, pre-norm MLP + residual), for a given attention pattern.
+# Each computes what GPT2Block.forward computes on hidden states h (N, T, E) (pre-norm attention
+# + residual, pre-norm MLP + residual), for one attention pattern, through the block's own
+# parameters.
 
 
 def _project(block: GPT2Block, a: torch.Tensor, which: str) -> tuple[torch.Tensor, ...]:
