@@ -43,7 +43,7 @@ plan: $(STAMP) ## write the sweep into the queue (SWEEP=, PROFILE=); idempotent
 worker: $(STAMP) ## one worker on GPU=0 (GPU=cpu for the CPU; THREADS=, DB=)
 	$(RUNNER) worker --gpu $(GPU) $(if $(THREADS),--threads $(THREADS))
 
-workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" (or "cpu cpu"), a log each in runs/logs/
+workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" ("0 0": two on GPU 0; "cpu cpu"), a log each
 	@mkdir -p $(LOGS)
 	@i=0; for g in $(GPUS); do \
 	  i=$$((i + 1)); dev=$$g; [ $$g = cpu ] || dev=gpu$$g; log=$(LOGS)/worker-$$i-$$dev.log; \

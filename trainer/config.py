@@ -21,6 +21,7 @@ from trainer.seeds import derive_seed, seq_len
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FAMILIES = ("gpt2", "lowrank_gpt2")
 PROFILES = ("full", "smoke", "small")
+PRECISIONS = ("fp32", "tf32", "bf16")  # fp32: the study as run; tf32, bf16: opt-in, for GPUs
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,7 @@ SCHEMA: dict[str, Any] = {
         "task_kwargs": {"V": int, "C": int, "rho": float},
         "num_training_examples": int, "batch_size": int, "learning_rate": float,
         "train_steps": int, "save_every_steps": int, "keep_every_steps": int,
+        "precision": str,
     },
     "evaluation": {"eval_every": int, "eval_examples": int},
     "seeds": {"pool": int, "run": int},
@@ -244,6 +246,8 @@ def validate(config: dict) -> dict:
     for key in ("batch_size", "train_steps", "save_every_steps", "keep_every_steps"):
         require(t[key] >= 1, f"training.{key}", "must be >= 1")
     require(t["learning_rate"] > 0, "training.learning_rate", "must be > 0")
+    require(t["precision"] in PRECISIONS, "training.precision",
+            f"must be one of {', '.join(PRECISIONS)}")
     require(
         t["num_training_examples"] >= t["batch_size"],
         "training.num_training_examples",
