@@ -221,7 +221,11 @@ class JobQueue:
                 return None
             row = conn.execute(
                 select(Job.id, Job.state, Job.worker, Job.lease_token)
-                .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts)
+                .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts,
+                       # A lease can expire between the settling above and this select
+                       # (each statement reads the clock anew): a job asked to cancel is
+                       # never taken, whatever the timing.
+                       or_(Job.stop_request.is_(None), Job.stop_request != "cancel"))
                 .order_by(*ordering).limit(1)
                 .with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the write lock
             ).first()
