@@ -10,7 +10,8 @@ on; a stop, the end of the run and any exit wait for the write in flight.
 
 `run()` may be called many times in one process (a worker runs job after job):
 it touches no global state beyond seeding torch's RNG inside a forked scope and
-restores the deterministic-algorithms switch it sets.
+restores the switches it sets (deterministic algorithms on the CPU, the float32
+matmul precision on CUDA).
 """
 
 from __future__ import annotations
