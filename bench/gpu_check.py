@@ -230,7 +230,8 @@ def final_logits(out_dir: Path, dev: torch.device) -> torch.Tensor:
     model.to(dev).eval()
     ids, _ = build_eval_set(m["V"], m["C"], t["task_kwargs"]["rho"], derive_seed("eval", run_seed),
                             e["eval_examples"])
-    tokens = token_table(m["V"], m["C"], m["n_dims"], derive_seed("tokens", run_seed)).to(dev)
+    tokens = token_table(m["V"], m["C"], m["n_dims"], m["truncated_dims"],
+                         derive_seed("tokens", run_seed)).to(dev)
     ids = ids.to(dev)
     with torch.no_grad(), autocast(t["precision"], dev):
         return torch.cat([model(embed(ids[s:s + EVAL_BATCH], tokens)).float().cpu()
