@@ -22,8 +22,8 @@ CPU_SHARE   := $(shell n=$$(nproc 2>/dev/null || echo 1); c=$(CPU_WORKERS); \
                  [ $$c -gt 0 ] && echo $$(( n / c > 0 ? n / c : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: help install plan worker workers status requeue cancel pause resume results plot test \
-        lint demo clean-demo
+.PHONY: help install plan worker workers status requeue cancel pause resume results plot \
+        report serve test lint demo clean-demo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,7 +46,7 @@ worker: $(STAMP) ## one worker on GPU=0 (GPU=cpu for the CPU; THREADS=, DB=, DB_
 	$(RUNNER) worker --gpu $(GPU) $(if $(THREADS),--threads $(THREADS)) \
 	  $(if $(DB_OUTAGE),--db-outage $(DB_OUTAGE))
 
-workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" (or "cpu cpu"), a log each in runs/logs/
+workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" ("0 0": two on GPU 0; "cpu cpu"), a log each
 	@mkdir -p $(LOGS)
 	@i=0; for g in $(GPUS); do \
 	  i=$$((i + 1)); dev=$$g; [ $$g = cpu ] || dev=gpu$$g; log=$(LOGS)/worker-$$i-$$dev.log; \
@@ -78,6 +78,12 @@ results: $(STAMP) ## accuracy table per (V, model, N): mean ± std over runs
 plot: $(STAMP) ## sample-complexity figure (runs/sample_complexity.png) and training curves
 	$(RUNNER) plot --out runs/sample_complexity.png
 
+report: $(STAMP) ## the sweep as one self-contained HTML file (runs/report.html; DB=URL)
+	$(RUNNER) report --out runs/report.html
+
+serve: $(STAMP) ## the live dashboard on http://127.0.0.1:8765/ (DB=URL for another queue)
+	$(RUNNER) serve
+
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
@@ -87,13 +93,18 @@ test: $(STAMP) ## lint and the test suite (what CI runs)
 	  if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$s
 
 DEMO_DB := sqlite:///runs/demo/queue.sqlite
+DEMO    := $(PY) -m runner --db $(DEMO_DB)
 
-demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status, results, figure
+demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status, results, figure, report
 	rm -rf runs/demo
-	$(RUNNER) --db $(DEMO_DB) plan --profile smoke --out-root runs/demo
-	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu --threads 1 > runs/demo-worker-1.log 2>&1 & \
-	$(RUNNER) --db $(DEMO_DB) worker --gpu cpu --threads 1 > runs/demo-worker-2.log 2>&1 & \
+	$(DEMO) plan --profile smoke --out-root runs/demo
+	$(DEMO) worker --gpu cpu --threads 1 > runs/demo-worker-1.log 2>&1 & \
+	$(DEMO) worker --gpu cpu --threads 1 > runs/demo-worker-2.log 2>&1 & \
 	wait
-	$(RUNNER) --db $(DEMO_DB) status
-	$(RUNNER) --db $(DEMO_DB) results
-	$(RUNNER) --db $(DEMO_DB) plot --out runs/demo/sample_complexity.png
+	$(DEMO) status
+	$(DEMO) results
+	$(DEMO) plot --out runs/demo/sample_complexity.png
+	$(DEMO) report --out runs/demo/report.html
+	@echo ""
+	@echo "Open runs/demo/report.html in a browser, or the live dashboard of this queue:"
+	@echo "  make serve DB=$(DEMO_DB)    then http://127.0.0.1:8765/"

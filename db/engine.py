@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+import sqlite3
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, exc, inspect, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float
 
@@ -200,7 +203,17 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
             "keep it on local disk, or use PostgreSQL for several hosts"
         )
     busy_ms = READ_BUSY_TIMEOUT_MS if readonly else _writer_busy_ms()
-    engine = create_engine(url, connect_args={"timeout": busy_ms / 1000})
+    if readonly:
+        # A connection per use (no pool), to the existing file only (mode=rw: a file
+        # deleted meanwhile is an error, never a new empty queue), so a long-lived
+        # reader (status --watch, the dashboard) follows a queue that is made anew.
+        def open_existing():
+            return sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True,
+                                   timeout=busy_ms / 1000, check_same_thread=False)
+
+        engine = create_engine(url, creator=open_existing, poolclass=NullPool)
+    else:
+        engine = create_engine(url, connect_args={"timeout": busy_ms / 1000})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, record):

@@ -277,7 +277,11 @@ class JobQueue:
                 return None
             row = conn.execute(
                 select(Job.id, Job.state, Job.worker, Job.lease_token)
-                .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts)
+                .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts,
+                       # A lease can expire between the settling above and this select
+                       # (each statement reads the clock anew): a job asked to cancel is
+                       # never taken, whatever the timing.
+                       or_(Job.stop_request.is_(None), Job.stop_request != "cancel"))
                 .order_by(*ordering).limit(1)
                 .with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the write lock
             ).first()
@@ -450,17 +454,18 @@ class JobQueue:
                 for r in rows]
 
     def reclaim_dead(self, host: str, is_dead: Callable[[str, str | None], str | None],
-                     by: str) -> list[str]:
+                     by: str) -> list[tuple[str, str]]:
         """Running jobs of this host's workers whose process is gone: back to pending now.
 
         `is_dead(worker_name, process)` says why that worker is dead, or None if it may be
         alive. Only workers on `host` are judged (a pid means nothing elsewhere); other
         hosts' jobs wait for their lease. The dead attempt counts: after max_attempts the
-        job is failed instead. Returns the names reclaimed (by this call: a retry after a
-        lost answer does not see what its earlier try reclaimed).
+        job is failed instead (a cancel asked of the dead worker is settled as cancelled).
+        Returns (name, reason) of each job reclaimed (by this call: a retry after a lost
+        answer does not see what its earlier try reclaimed).
         """
 
-        def body(conn: Connection, retrying: bool) -> list[str]:
+        def body(conn: Connection, retrying: bool) -> list[tuple[str, str]]:
             reclaimed = []
             rows = conn.execute(
                 select(Job.id, Job.name, Job.worker, Job.lease_token, Job.attempts,
@@ -489,7 +494,7 @@ class JobQueue:
                                 detail={"reason": reason, "by": by, "to": state})
                     conn.execute(update(Worker).where(Worker.name == row.worker)
                                  .values(state="exited", job=None))
-                    reclaimed.append(row.name)
+                    reclaimed.append((row.name, f"worker {row.worker}: {reason}"))
             return reclaimed
 
         return self._transaction(body)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import GPT2Backbone, causal_mask, seq_len
+from .backbone import GPT2Backbone, causal_layer, causal_mask, last_query_layer, seq_len
 
 
 class GPT2Model(GPT2Backbone):
@@ -18,3 +18,11 @@ class GPT2Model(GPT2Backbone):
 
     def position_embedding(self) -> torch.Tensor:
         return self.wpe.weight[: self.L]  # (L, E)
+
+    def last_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        # Causal attention without a mask in every layer but the last, which needs its output
+        # at the last position only.
+        h = self.read_in(x) + self.position_embedding()  # (B, L, E)
+        for block in self.blocks[:-1]:
+            h = causal_layer(block, h)
+        return last_query_layer(self.blocks[-1], h)[:, 0]  # (B, E)

@@ -505,6 +505,100 @@ def follow_log(queue: JobQueue, job: dict, path: Path, poll: float = 0.5) -> Non
             state = next((j["state"] for j in queue.jobs() if j["id"] == job["id"]), "failed")
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the page, which has "
+                   "no authentication, to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port (0: any free port; the URL is printed).")
+@click.pass_context
+def serve(ctx, host, port):
+    """Read-only live dashboard of the queue in a browser, with a JSON API.
+
+    \b
+    The page: progress and ETA, every job (filterable), the sample-complexity
+    figure, and per job its curves, config, events and log. The API:
+    /api/status (= status --json), /api/results (= results --json),
+    /api/jobs/NAME, /api/latest. Ctrl-C stops it.
+    """
+    from runner.serve import Dashboard, bind, is_loopback, open_readonly
+    from runner.serve import serve as run_server
+
+    try:
+        dashboard = Dashboard(open_readonly(ctx.obj["db"]), ctx.obj["db"])
+    except DatabaseError as e:
+        raise BadInput(str(e)) from None
+    try:
+        sock = bind(host, port)
+    except OSError as e:
+        raise BadInput(f"cannot listen on {host}:{port}: {e.strerror or e}"
+                       + (" (choose another --port)" if port else "")) from None
+    if not is_loopback(host):
+        click.echo(f"warning: listening on {host}: the dashboard has no authentication; anyone "
+                   "who can reach this port can read the queue's jobs, configs and logs",
+                   err=True)
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"dashboard of {mask_url(ctx.obj['db'])}: http://{shown}:{sock.getsockname()[1]}/"
+               "  (Ctrl-C to stop)", err=False)
+    sys.stdout.flush()
+    run_server(dashboard, sock, host)
+
+
+@cli.command()
+@click.option("--out", default="runs/report.html", show_default=True,
+              type=click.Path(dir_okay=False), help="The report (one HTML file).")
+@click.pass_context
+def report(ctx, out):
+    """The sweep as one self-contained HTML file (figures embedded, no network needed).
+
+    What was run, progress, the results table, the sample-complexity figure,
+    training curves per (V, N), failures with their errors, every job.
+    """
+    from runner.report import write
+
+    if not out.lower().endswith((".html", ".htm")):
+        raise BadInput(f"--out '{out}': the report is HTML; name it *.html")
+    path = write(open_queue(ctx), mask_url(ctx.obj["db"]), out)
+    click.echo(f"wrote the report: {path} (open it in a browser)")
+
+
+@cli.command()
+@click.option("--tensorboard", "tb_dir", required=True, type=click.Path(file_okay=False),
+              metavar="DIR", help="Where the TensorBoard runs go (one folder per job).")
+@click.option("--follow", is_flag=True,
+              help="Keep exporting new points until no job is pending or running (or Ctrl-C).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=10, show_default=True,
+              metavar="SECONDS", help="With --follow: seconds between passes.")
+@click.pass_context
+def export(ctx, tb_dir, follow, interval):
+    """Every job's metrics.jsonl as TensorBoard event files, its config as hparams.
+
+    One run per job, named as the job. Running it again adds only new points.
+    Needs the tensorboard extra (pip install -e '.[tensorboard]'); view with
+    `tensorboard --logdir DIR`.
+    """
+    from runner.export import Exporter, MissingExtra
+
+    queue = open_queue(ctx)
+    try:
+        exporter = Exporter(tb_dir)
+    except MissingExtra as e:
+        raise BadInput(str(e)) from None
+    try:
+        while True:
+            jobs = queue.jobs()
+            written = exporter.export(jobs)
+            click.echo(f"exported {sum(written.values())} new point(s) from {len(written)} "
+                       f"job(s) to {tb_dir}")
+            if not follow or not any(j["state"] in ("pending", "running") for j in jobs):
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        exporter.close()
+
+
 def main() -> None:
     """Entry point: click errors become one line on stderr with their exit status."""
     try:

@@ -54,10 +54,10 @@ def what_was_run(jobs: list[dict]) -> dict:
     differences: dict[str, set] = {}
     for job in jobs:
         try:
-            study = _leaves(study_config(job))
+            study = flatten(study_config(job))
         except ConfigError:  # coordinates outside the study (a hand-edited sweep)
             study = {}
-        for key, value in _leaves(job["config"]).items():
+        for key, value in flatten(job["config"]).items():
             if key != "seeds.run" and study.get(key, _NONE) != value:
                 differences.setdefault(key, set()).add(json.dumps(value))
     out = {"jobs": len(jobs),
@@ -73,11 +73,12 @@ def what_was_run(jobs: list[dict]) -> dict:
 _NONE = object()
 
 
-def _leaves(config: dict, prefix: str = "") -> dict:
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{'training.train_steps': 30, ...}: a nested config as dotted keys."""
     out = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -290,13 +290,13 @@ class Worker:
         """Every job this worker ran failed (it ran at least one)."""
         return bool(self.outcomes) and all(o == "failed" for o in self.outcomes)
 
-    def reclaim_dead(self) -> list[str]:
+    def reclaim_dead(self) -> list[tuple[str, str]]:
         """Jobs of dead workers on this host go back to pending now, not after their lease."""
-        names = self.queue.reclaim_dead(HOST, dead_reason, by=self.name)
-        for name in names:
-            log.warning("%s: its worker on this host is dead; job reclaimed (resumes from its "
-                        "checkpoint)", name)
-        return names
+        reclaimed = self.queue.reclaim_dead(HOST, dead_reason, by=self.name)
+        for name, reason in reclaimed:
+            log.warning("%s: reclaimed at once (%s); it resumes from its checkpoint", name,
+                        reason)
+        return reclaimed
 
     def run_job(self, claim: Claim) -> str:
         from trainer.train import FolderBusy, run  # torch loads only in workers

@@ -48,7 +48,7 @@ CASES = [
     ("unknown profile", lambda t: ["plan", "--profile", "huge"], "unknown profile 'huge'"),
     ("out-root escapes", lambda t: ["plan", "--out-root", "../elsewhere"], "'..' is not allowed"),
     ("requeue unknown", lambda t: ["requeue", "--name", "nope"], "no job named 'nope'"),
-    ("requeue nothing", lambda t: ["requeue"], "--failed and/or --name"),
+    ("requeue nothing", lambda t: ["requeue"], "--failed and/or NAME"),
     ("missing GPU", lambda t: ["worker", "--gpu", "0"], "--gpu 0"),
     ("bad lease", lambda t: ["worker", "--gpu", "cpu", "--lease", "0"], "--lease"),
 ]

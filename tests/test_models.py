@@ -1,4 +1,5 @@
-"""Tests for models/: masks, position structure, parameter counts, information flow, errors."""
+"""Tests for models/: masks, position structure, parameter counts, information flow, the
+structured forward against the dense oracle, errors."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from models import FAMILIES, build_model
+from trainer.config import resolve
 
 C = 3
 
@@ -197,16 +199,16 @@ def test_lowrank_last_logit_only_reads_k_after_layer_2(V):
     L, G = V * (C + 1) + 3, C + 1
     K = {g * G + C for g in range(V)} | {L - 3, L - 2, L - 1}
     non_k = [i for i in range(L) if i not in K]
-    with torch.no_grad():
-        base = model(x)
+    with torch.no_grad():  # the dense oracle: it runs every block on every position
+        base = model.forward_dense(x)
         handle = _perturb_block_input(model, 2, non_k)
-        out = model(x)
+        out = model.forward_dense(x)
         handle.remove()
         # Masked keys get weight exactly 0, so the logit is bit-for-bit unchanged.
         assert torch.equal(out, base)
         # A K position (last token of group 0) does matter.
         handle = _perturb_block_input(model, 2, [C])
-        out_k = model(x)
+        out_k = model.forward_dense(x)
         handle.remove()
     assert (out_k - base).abs().min() > 1e-6  # small: c_proj init is tiny
 
@@ -221,6 +223,93 @@ def test_lowrank_layers_0_1_keep_groups_apart():
     with torch.no_grad():
         h, h2 = model.encode(x), model.encode(x2)
     torch.testing.assert_close(h2[:, : C + 1], h[:, : C + 1], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- structured forward vs oracle
+
+# The layer counts of every profile, read from conf/, and one layer: each takes its own branch
+# of the structured forward (lowrank: 1-2 layers are all block diagonal).
+PROFILE_LAYERS = sorted({resolve("gpt2", 5, 256, 1, p)["model"]["n_layer"]
+                         for p in ("full", "smoke", "small")} | {1})
+
+
+def test_profile_layer_counts():
+    assert PROFILE_LAYERS == [1, 2, 3, 12]
+
+
+def _float64_model(c: dict):
+    """Built in float64, every parameter moved off its init: c_proj's tiny init and the zero
+    biases would otherwise hide a wrong term."""
+    model = build(c).double()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _logits_and_grads(model, forward, x) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    out = forward(x)
+    (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype)).sum().backward()
+    # A parameter the structured forward never reads gets no grad; the oracle's is exactly 0.
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p)
+             for n, p in model.named_parameters()}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("n_layer", PROFILE_LAYERS)
+@pytest.mark.parametrize("V", [5, 20])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_structured_forward_equals_dense_oracle(family, V, n_layer):
+    c = cfg(family, V, n_layer=n_layer, n_embd=16, n_head=2)
+    model = _float64_model(c).train()
+    x = rand_x(c, B=3).double()
+    got, got_grads = _logits_and_grads(model, model.forward, x)
+    want, want_grads = _logits_and_grads(model, model.forward_dense, x)
+    assert (got - want).abs().max() <= 1e-10
+    assert got.std() > 1e-3  # the examples differ: a constant output would prove nothing
+    for name, want_grad in want_grads.items():
+        assert (got_grads[name] - want_grad).abs().max() <= 1e-10, name
+    assert max(g.abs().max() for g in want_grads.values()) > 1e-3
+
+
+def _record_attention(monkeypatch) -> list[tuple]:
+    """Every scaled_dot_product_attention call: (query shape, key shape, mask, is_causal)."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((tuple(q.shape), tuple(k.shape), attn_mask, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("V", [5, 20])
+def test_structured_attention_shapes_and_no_masks(V, monkeypatch):
+    """No explicit mask anywhere (so SDPA may use its fast kernels), and the sequence lengths of
+    spec section 7: the last layer queries one position; lowrank runs layers 2.. on K only."""
+    B, H, D, L, G, n_k = 2, 2, 8, V * (C + 1) + 3, C + 1, V + 3
+    calls = _record_attention(monkeypatch)
+    c = cfg("gpt2", V, n_layer=12, n_embd=16, n_head=2)
+    build(c)(rand_x(c, B=B))
+    assert calls == [((B, H, L, D), (B, H, L, D), None, True)] * 11 + [
+        ((B, H, 1, D), (B, H, L, D), None, False)]
+    calls.clear()
+    c = cfg("lowrank_gpt2", V, n_layer=12, n_embd=16, n_head=2)
+    build(c)(rand_x(c, B=B))
+    assert calls == [
+        ((B * V, H, G, D), (B * V, H, G, D), None, True),   # layer 0: causal inside each group
+        ((B * V, H, 1, D), (B * V, H, G, D), None, False),  # layer 1: each group's last token
+        *[((B, H, n_k, D), (B, H, n_k, D), None, True)] * 9,  # layers 2-10: K only
+        ((B, H, 1, D), (B, H, n_k, D), None, False),        # layer 11: the last position
+    ]
+    calls.clear()
+    c = cfg("lowrank_gpt2", V, n_layer=2, n_embd=16, n_head=2)
+    build(c)(rand_x(c, B=B))
+    assert calls == []  # two block-diagonal layers: the last token, alone, is all that counts
 
 
 # ---------------------------------------------------------------- outputs, determinism, errors

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,25 @@ def test_a_silent_workers_cancelled_job_is_settled_not_rerun(queue):
     wait_for(lambda: queue.claim("other", 60) is None and
              queue.jobs()[0]["state"] == "cancelled", timeout=10, what="settling")
     assert not queue.heartbeat(claim)
+
+
+def test_a_cancelled_job_expiring_between_settling_and_selecting_is_not_taken(
+        queue, monkeypatch):
+    # The race, made certain: settling runs before the lease has expired, the select after.
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    claim = queue.claim("w", 0.2)
+    queue.cancel([claim.name])
+    settle = queue._settle_expired
+
+    def settle_then_expire(conn):
+        settle(conn)
+        time.sleep(0.4)
+
+    monkeypatch.setattr(queue, "_settle_expired", settle_then_expire)
+    assert queue.claim("other", 60) is None
+    monkeypatch.undo()
+    assert queue.claim("other", 60) is None
+    assert queue.jobs()[0]["state"] == "cancelled"
 
 
 def test_pause_stops_claims_and_pause_now_asks_running_jobs_back(queue):

@@ -32,3 +32,22 @@ def test_readme_benchmark_runs_as_written(command):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage" in proc.stdout.lower()
+
+
+RUNNER_COMMANDS = sorted(set(re.findall(r"python -m runner (?:--db \S+ )?([a-z]+)", README)))
+MAKE_TARGETS = sorted(set(re.findall(r"\bmake ([a-z]+)\b", README)))
+
+
+def test_readme_runner_commands_exist():
+    assert {"plan", "worker", "status", "cancel", "serve"} <= set(RUNNER_COMMANDS)
+    for command in RUNNER_COMMANDS:
+        proc = subprocess.run([PYTHON, "-m", "runner", command, "--help"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"README's `python -m runner {command}`: {proc.stderr}"
+
+
+def test_readme_make_targets_exist():
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
+    missing = [t for t in MAKE_TARGETS if t not in targets]
+    assert not missing, f"README names make targets the Makefile lacks: {missing}"

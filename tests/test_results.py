@@ -18,7 +18,7 @@ import pytest
 
 from runner import results as res
 from runner.plot import sample_complexity_figure
-from runner.progress import JobDisplay, duration, sweep_progress
+from runner.progress import JobDisplay, duration, eta_line, sweep_progress
 from tests.conftest import PYTHON, ROOT, runner_env
 from trainer.config import resolve
 from trainer.files import METRICS_FILE
@@ -282,3 +282,15 @@ def test_the_study_as_run_is_named_so():
     run = res.what_was_run(jobs)
     assert run["study_as_run"] and run["differences"] == {}
     assert res.run_lines(run)[1] == "This is the study as run (full profile, no overrides)."
+
+
+def test_a_handed_back_or_failed_attempt_still_measures_a_rate():
+    """After a SIGTERM hand-back nothing runs, yet steps ran: the ETA is known."""
+    jobs = [progress_job(1, "pending", 40, claimed=0.0, progress=20.0),   # released at 40
+            progress_job(2, "failed", 10, claimed=0.0, progress=10.0),
+            progress_job(3, "pending", 0)]
+    p = sweep_progress(jobs, {1: 0, 2: 0}, workers_alive=1)
+    assert p["rates"][1] == pytest.approx(2.0) and p["rates"][2] == pytest.approx(1.0)
+    # pending jobs run at the median measured rate of their (V, model): 1.5 steps/s
+    assert p["work_seconds_left"] == pytest.approx((60 + 100) / 1.5)
+    assert "no step rate measured yet" not in eta_line(p, {"failed": 1})

@@ -1,6 +1,8 @@
-"""The trainer: exact resume after a stop or a SIGKILL, corrupt-state fallback, folder lock."""
+"""The trainer: exact resume after a stop or a SIGKILL, corrupt-state fallback, folder lock,
+checkpoints written in the background, precision."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -182,3 +184,98 @@ def test_a_folder_moved_away_while_training_gets_no_more_writes(tmp_path):
         run(smoke(steps=10), out, on_progress=move)
     assert not out.exists()
     assert [r["step"] for r in ckpt.read_metrics(aside)] == [0, 1, 2]
+
+
+# --- checkpoints written in the background ------------------------------------------------------
+
+
+def test_checkpoint_writes_overlap_training_and_hold_their_own_step(reference, tmp_path,
+                                                                    monkeypatch):
+    """The state after step 6 is written while training runs on to step 9, on another thread;
+    it still holds step 6 exactly: a run resumed from it ends bit-identical."""
+    reached_9, writers = threading.Event(), []
+    real_save = ckpt.save_state
+
+    def slow_save(out, state):
+        writers.append(threading.current_thread().name)
+        if state["step"] == 6:
+            assert reached_9.wait(30), "training did not go on while the state was written"
+        return real_save(out, state)
+
+    monkeypatch.setattr(ckpt, "save_state", slow_save)
+    stop = threading.Event()
+
+    def on_progress(p):
+        if p.step == 9:
+            reached_9.set()
+            stop.set()
+
+    result = run(smoke(), tmp_path, on_progress=on_progress, stop=stop)
+    monkeypatch.undo()
+    # The stop waited for both writes: the state at 9 is complete when run() returns.
+    assert (result.outcome, result.step) == ("stopped", 9)
+    assert [ckpt._read_state(p)["step"] for p in ckpt.list_states(tmp_path)] == [9, 6]
+    assert set(writers) == {"checkpoint-writer"}
+    assert not [t for t in threading.enumerate() if t.name == "checkpoint-writer"]
+    for path in (ckpt.list_states(tmp_path)[0], ckpt.list_states(tmp_path)[0].with_suffix(".json")):
+        path.unlink()
+    assert run(smoke(), tmp_path).outcome == "completed"
+    assert "resuming at step 6/23" in (tmp_path / ckpt.LOG_FILE).read_text()
+    assert_same_run(reference["lowrank_gpt2"], tmp_path)
+
+
+def test_a_failed_background_write_fails_the_run(tmp_path, monkeypatch):
+    def disk_full(out, state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_state", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(smoke(), tmp_path)
+    assert ckpt.list_states(tmp_path) == []
+
+
+# --- precision ----------------------------------------------------------------------------------
+
+
+def test_bad_precision_is_refused_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"training\.precision.*fp32, tf32, bf16"):
+        smoke(**{"training.precision": "fp16"})
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--profile", "smoke", "--set",
+                           "training.precision=fp64", "--out", str(tmp_path / "o")], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "training.precision" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_bf16_autocast_trains_on_cpu_and_resumes_bit_exact(reference, tmp_path):
+    config = smoke(**{"training.precision": "bf16"})
+    whole = run(config, tmp_path / "whole")
+    assert whole.outcome == "completed"
+    records = ckpt.read_metrics(tmp_path / "whole")
+    assert len(records) == 23 and all(math.isfinite(r["loss"]) for r in records)
+    assert "precision: bf16" in (tmp_path / "whole" / ckpt.CONFIG_FILE).read_text()
+    # bf16 really ran: the losses are not the float32 run's.
+    fp32 = ckpt.read_metrics(reference["lowrank_gpt2"])
+    assert [r["loss"] for r in records] != [r["loss"] for r in fp32]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(records, fp32, strict=True)) < 0.05
+
+    stop = threading.Event()
+    first = run(config, tmp_path / "resumed", stop=stop,
+                on_progress=lambda p: stop.set() if p.step == 8 else None)
+    assert (first.outcome, first.step) == ("stopped", 8)
+    assert run(config, tmp_path / "resumed").outcome == "completed"
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("precision, inside", [("tf32", "high"), ("fp32", "highest"),
+                                               ("bf16", "highest")])
+def test_tf32_only_where_asked_and_restored(precision, inside):
+    from trainer.train import float32_matmuls
+
+    before = torch.get_float32_matmul_precision()
+    with float32_matmuls(precision, torch.device("cuda")):  # no GPU needed to set the switch
+        assert torch.get_float32_matmul_precision() == inside
+    assert torch.get_float32_matmul_precision() == before
+    with float32_matmuls(precision, torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before

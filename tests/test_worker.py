@@ -193,21 +193,21 @@ def test_held_jobs_are_named_and_stale_ones_marked(db_url, tmp_path):
     from runner.liveness import HOST
 
     queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2")
+    dead = f"{HOST}:cpu:{dead_pid()}"
     queue.claim("elsewhere:0:4242", 600)                 # another host: waits for its lease
+    queue.claim(dead, 600)                               # this host, process gone
     queue.claim("elsewhere:1:4243", 1)                   # silent past its 1 s lease
     time.sleep(1.5)
-    dead = f"{HOST}:cpu:{dead_pid()}"
-    queue.claim(dead, 600)                               # this host, process gone
     status = runner(db_url, "status")
     lines = {line.split()[0]: line for line in status.stdout.splitlines()
              if line.startswith("table_connectivity")}
     run1, run2, run3 = (lines[f"table_connectivity_standard_V5_N256_run{r}"] for r in (1, 2, 3))
     assert "STALE" not in run1
-    assert "STALE: no heartbeat for" in run2 and "(lease 1s)" in run2
-    assert f"STALE: worker dead: its process {dead.rsplit(':', 1)[1]} is gone" in run3
+    assert f"STALE: worker dead: its process {dead.rsplit(':', 1)[1]} is gone" in run2
+    assert "STALE: no heartbeat for" in run3 and "(lease 1s)" in run3
     stale = {j["name"][-4:]: j["stale"] for j in json.loads(
         runner(db_url, "status", "--json").stdout)["jobs"]}
-    assert stale["run1"] is None and stale["run2"].startswith("no heartbeat")
+    assert stale["run1"] is None and stale["run3"].startswith("no heartbeat")
     # A worker here takes the dead worker's job at once and the expired one, then says
     # which job is still held, by whom, and when its lease ends.
     worker = start_worker(db_url, "--lease", "30")

@@ -12,6 +12,10 @@ Layout of a job folder (names are constants so tools can rely on them):
 
 A state counts only when its manifest exists and the bytes match its sha256,
 so a torn, truncated or corrupted file is skipped and the next older one used.
+
+The trainer writes states and snapshots through a BackgroundWriter: it copies the
+tensors to host memory at the step boundary and serialises, checksums, writes and
+fsyncs them on a thread while training goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import io
 import json
 import random
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +134,64 @@ def save_snapshot(out_dir: Path, step: int, model_state: dict) -> None:
     buf = io.BytesIO()
     torch.save(model_state, buf)
     write_bytes_atomic(Path(out_dir) / SNAPSHOT_DIR / f"model-{step:07d}.pt", buf.getvalue())
+
+
+def to_host(obj):
+    """A copy of `obj` with every tensor copied to host memory: safe to write while training
+    goes on changing (or freeing) the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_host(v) for v in obj)
+    return obj
+
+
+class BackgroundWriter:
+    """Runs a step's file writes (save_state, save_snapshot) on a thread, one batch at a time.
+
+    Each file is written as it always is (temp file, fsync, rename; a state's manifest last), so
+    a process killed mid-write leaves nothing the loader trusts. `submit` first waits for the
+    previous batch: at most one is in flight and they land in order. The caller passes host
+    copies (`to_host`) and must `wait` (or `join`) before releasing the folder's lock.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, writes: list[Callable[[], object]]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(writes,),
+                                        name="checkpoint-writer")
+        self._thread.start()
+
+    def _run(self, writes: list[Callable[[], object]]) -> None:
+        try:
+            for write in writes:
+                write()
+        except BaseException as e:  # raised in the training thread by wait() / check()
+            self._error = e
+
+    def join(self) -> BaseException | None:
+        """Wait for the write in flight; return (and forget) its error instead of raising it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        return error
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise its error, if any."""
+        error = self.join()
+        if error is not None:
+            raise error
+
+    def check(self) -> None:
+        """Raise the error of a write that already failed, without waiting for one in flight."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
 
 
 # --- metrics log -------------------------------------------------------------

@@ -21,10 +21,15 @@ from trainer.seeds import derive_seed, seq_len
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FAMILIES = ("gpt2", "lowrank_gpt2")
 PROFILES = ("full", "smoke", "small")
+PRECISIONS = ("fp32", "tf32", "bf16")  # fp32: the study as run; tf32, bf16: opt-in, for GPUs
 
 
 class ConfigError(ValueError):
     """A bad config; the message names what is wrong."""
+
+
+class OptionalStr:
+    """Schema type of a key that holds a string or null (YAML `null`, `~`)."""
 
 
 # Every key a resolved config may (and must) hold, with its type.
@@ -38,10 +43,14 @@ SCHEMA: dict[str, Any] = {
         "task_kwargs": {"V": int, "C": int, "rho": float},
         "num_training_examples": int, "batch_size": int, "learning_rate": float,
         "train_steps": int, "save_every_steps": int, "keep_every_steps": int,
+        "precision": str,
     },
     "evaluation": {"eval_every": int, "eval_examples": int},
     "seeds": {"pool": int, "run": int},
+    # Optional experiment tracking (trainer/tracking.py); never changes what is trained.
+    "tracking": {"wandb": {"project": OptionalStr, "entity": OptionalStr, "mode": OptionalStr}},
 }
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class _Loader(yaml.SafeLoader):
@@ -192,12 +201,17 @@ def _check_types(config: Any, schema: dict, prefix: str = "") -> None:
         elif kind is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"config: '{dotted}' must be an integer, got {value!r}")
+        elif kind is OptionalStr:
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"config: '{dotted}' must be a string or null, got {value!r}")
         elif not isinstance(value, kind):
             raise ConfigError(f"config: '{dotted}' must be a {kind.__name__}, got {value!r}")
 
 
 def validate(config: dict) -> dict:
     """Check types, ranges and consistency; return a normalised copy."""
+    if isinstance(config, dict) and "tracking" not in config:  # planned before tracking existed
+        config = {**config, "tracking": copy.deepcopy(TRACKING_OFF)}
     _check_types(config, SCHEMA)
     config = copy.deepcopy(config)
     m, t, e = config["model"], config["training"], config["evaluation"]
@@ -232,6 +246,8 @@ def validate(config: dict) -> dict:
     for key in ("batch_size", "train_steps", "save_every_steps", "keep_every_steps"):
         require(t[key] >= 1, f"training.{key}", "must be >= 1")
     require(t["learning_rate"] > 0, "training.learning_rate", "must be > 0")
+    require(t["precision"] in PRECISIONS, "training.precision",
+            f"must be one of {', '.join(PRECISIONS)}")
     require(
         t["num_training_examples"] >= t["batch_size"],
         "training.num_training_examples",
@@ -241,6 +257,8 @@ def validate(config: dict) -> dict:
     require(e["eval_examples"] >= 1, "evaluation.eval_examples", "must be >= 1")
     for key in ("pool", "run"):
         require(0 <= config["seeds"][key] < 2**63, f"seeds.{key}", "must be within [0, 2**63)")
+    require(config["tracking"]["wandb"]["mode"] in (None, *WANDB_MODES), "tracking.wandb.mode",
+            f"must be null or one of {', '.join(WANDB_MODES)}")
     return config
 
 
@@ -259,6 +277,7 @@ RESUMABLE_CHANGES = {
     ("training", "train_steps"), ("training", "save_every_steps"),
     ("training", "keep_every_steps"), ("evaluation", "eval_every"),
 }
+TRACKING_OFF = {"wandb": {"project": None, "entity": None, "mode": None}}
 
 
 def resume_conflicts(saved: dict, wanted: dict) -> list[str]:
@@ -269,7 +288,7 @@ def resume_conflicts(saved: dict, wanted: dict) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), (*path, key))
-        elif a != b and path not in RESUMABLE_CHANGES:
+        elif a != b and path not in RESUMABLE_CHANGES and path[:1] != ("tracking",):
             out.append(".".join(path))
 
     walk(saved, wanted, ())

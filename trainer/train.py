@@ -4,18 +4,25 @@ Reads top to bottom: lock the folder -> config -> data -> model/optimiser ->
 resume or start -> one loop (batch -> forward/backward -> step -> log ->
 evaluate/checkpoint every N) -> final evaluation.
 
+Checkpoints are copied to host memory at the step boundary and written by a
+background thread (trainer.checkpoint.BackgroundWriter) while training goes
+on; a stop, the end of the run and any exit wait for the write in flight.
+
 `run()` may be called many times in one process (a worker runs job after job):
 it touches no global state beyond seeding torch's RNG inside a forked scope and
-restores the deterministic-algorithms switch it sets.
+restores the switches it sets (deterministic algorithms on the CPU, the float32
+matmul precision on CUDA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import filelock
@@ -25,6 +32,7 @@ import transformers
 
 from models import build_model
 from trainer import checkpoint as ckpt
+from trainer import tracking
 from trainer.atomic import write_json_atomic, write_yaml_atomic
 from trainer.config import ConfigError, resume_conflicts, validate
 from trainer.data import build_eval_set, build_pool, derive_seed, embed, sample_indices, token_table
@@ -99,6 +107,7 @@ def run(
     except filelock.Timeout:
         raise FolderBusy(f"{out} is in use by another process") from None
     deterministic = torch.are_deterministic_algorithms_enabled()
+    writer = ckpt.BackgroundWriter()
     try:
         dev = torch.device(device)
         if dev.type == "cpu":
@@ -108,13 +117,25 @@ def run(
             log(f"=== {header} ===")
         for path in ckpt.remove_temp_files(out):  # left by a process killed mid-write
             log(f"removed {path.relative_to(out)}: an unfinished write")
-        return _train(config, out, dev, on_progress, stop or threading.Event(), log)
+        track = tracking.for_config(config, out, log)
+        try:
+            with float32_matmuls(config["training"]["precision"], dev):
+                result = _train(config, out, dev, on_progress, stop or threading.Event(), log,
+                                writer, track)
+        except BaseException:
+            track.finish(failed=True)
+            raise
+        track.finish()
+        return result
     finally:
+        # Never release the folder with a write in flight. Its error, if any, is dropped here
+        # only when another exception is already on its way out (otherwise _train raised it).
+        writer.join()
         torch.use_deterministic_algorithms(deterministic)
         lock.release()
 
 
-def _train(config, out, device, on_progress, stop, log) -> RunResult:
+def _train(config, out, device, on_progress, stop, log, writer, track) -> RunResult:
     m, t, e = config["model"], config["training"], config["evaluation"]
     V, C, rho = m["V"], m["C"], t["task_kwargs"]["rho"]
     run_seed = config["seeds"]["run"]
@@ -151,30 +172,43 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
         start = state["step"]
         log(f"resuming at step {start}/{total} from state-{start:07d}")
     else:
-        log(f"starting {m['family']} V={V} N={t['num_training_examples']} on {device}")
+        log(f"starting {m['family']} V={V} N={t['num_training_examples']} on {device}, "
+            f"{t['precision']}")
     ckpt.truncate_metrics(out, start)  # records past the state are recomputed
     write_yaml_atomic(out / ckpt.CONFIG_FILE, config)
+    track.start(start)  # optional W&B run; logs the records from `start` on
 
-    def save(step: int) -> None:
-        ckpt.save_state(out, {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": ckpt.capture_rng(device, batches),
-            "config": config,
-            "versions": {"torch": str(torch.__version__),
-                         "transformers": str(transformers.__version__)},
-            "device": _device_name(device),
-        })
+    precision = t["precision"]
+
+    def checkpoint(i: int, keep_snapshot: bool, save_state: bool) -> None:
+        """Host copies now; serialising and writing go on in the background."""
+        weights = ckpt.to_host(model.state_dict())
+        writes = []
+        if keep_snapshot:
+            writes.append(partial(ckpt.save_snapshot, out, i, weights))
+        if save_state:
+            writes.append(partial(ckpt.save_state, out, {
+                "step": i + 1,
+                "model": weights,
+                "optimizer": ckpt.to_host(optimizer.state_dict()),
+                "rng": ckpt.to_host(ckpt.capture_rng(device, batches)),
+                "config": config,
+                "versions": {"torch": str(torch.__version__),
+                             "transformers": str(transformers.__version__)},
+                "device": _device_name(device),
+            }))
+        writer.submit(writes)
 
     model.train()
     folder = out.stat().st_ino  # a folder moved aside (replace, fresh) must get no more writes
     started, done = time.monotonic(), start
     last_eval: tuple[int, dict] = (-1, {})  # (steps done, metrics) of the newest evaluation
     for i in range(start, total):
+        writer.check()  # a failed write stops the run now, not at the next checkpoint
         idx = sample_indices(t["num_training_examples"], t["batch_size"], batches).to(device)
         x, y = embed(pool_ids[idx], tokens), pool_y[idx]  # (B, L, n_dims), (B,)
-        logits = model(x)                                   # (B,) last position
+        with autocast(precision, device):
+            logits = model(x).float()                       # (B,) last position
         loss = F.binary_cross_entropy_with_logits(logits, (y + 1).float() / 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,11 +222,12 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
         record = {"step": i, "loss": loss_value, "train_accuracy": train_acc}
         evaluated = i % e["eval_every"] == 0 or done == total
         if evaluated:
-            last_eval = (done, evaluate(model, eval_ids, eval_y, tokens))
+            last_eval = (done, evaluate(model, eval_ids, eval_y, tokens, precision))
             record.update({f"test_{k}": v for k, v in last_eval[1].items()})
         if _inode(out) != folder:
             raise FolderMoved(f"{out} was moved away while training; stopping without writing")
         ckpt.append_metrics(out, record)
+        track.log(record)
         if evaluated and done < total:
             test = last_eval[1]
             log(f"step {done}/{total}: loss {loss_value:.4f}, train accuracy {train_acc:.4f}, "
@@ -201,19 +236,22 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
             on_progress(Progress(done, total, loss_value, train_acc, last_eval[1] or None))
 
         # Same cadence as the reference: state every save_every steps (step 0
-        # included), snapshot every keep_every steps after 0; plus the last step.
-        if i % t["keep_every_steps"] == 0 and i > 0:
-            ckpt.save_snapshot(out, i, model.state_dict())
-        if i % t["save_every_steps"] == 0 or done == total:
-            save(done)
-        if stop.is_set() and done < total:
-            if i % t["save_every_steps"] != 0:
-                save(done)
+        # included), snapshot every keep_every steps after 0; plus the last step,
+        # and a state at whatever step a stop lands on.
+        stopping = stop.is_set() and done < total
+        keep_snapshot = i % t["keep_every_steps"] == 0 and i > 0
+        save_state = i % t["save_every_steps"] == 0 or done == total or stopping
+        if keep_snapshot or save_state:
+            checkpoint(i, keep_snapshot, save_state)
+        if stopping:
+            writer.wait()
             log(f"stopped on request at step {done}/{total}; state saved")
             return RunResult("stopped", done)
+    writer.wait()  # the final state is on disk before the result is written
 
     # The last step's evaluation is the final one; recompute only when no step ran.
-    metrics = last_eval[1] if last_eval[0] == total else evaluate(model, eval_ids, eval_y, tokens)
+    metrics = (last_eval[1] if last_eval[0] == total
+               else evaluate(model, eval_ids, eval_y, tokens, precision))
     metrics = {**metrics, "step": total, "eval_examples": int(eval_y.numel())}
     write_json_atomic(out / ckpt.EVAL_FILE, metrics)
     elapsed = time.monotonic() - started
@@ -223,13 +261,36 @@ def _train(config, out, device, on_progress, stop, log) -> RunResult:
     return RunResult("completed", total, metrics)
 
 
+def autocast(precision: str, device: torch.device):
+    """bf16: the forward pass under autocast (weights, gradients, Adam and the loss stay
+    float32). fp32 and tf32: a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+@contextlib.contextmanager
+def float32_matmuls(precision: str, device: torch.device):
+    """On CUDA, float32 matmuls in TF32 for `tf32` and in full float32 otherwise; restored on
+    exit. TF32 is a GPU format: on the CPU every precision but bf16 is plain float32."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @torch.no_grad()
-def evaluate(model, ids: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor) -> dict:
+def evaluate(model, ids: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor,
+             precision: str = "fp32") -> dict:
     """Accuracy, balanced accuracy, majority-class rate and loss on a fixed set."""
     was_training = model.training
     model.eval()
-    logits = torch.cat([model(embed(ids[s:s + EVAL_BATCH], tokens))
-                        for s in range(0, ids.shape[0], EVAL_BATCH)])
+    with autocast(precision, ids.device):
+        logits = torch.cat([model(embed(ids[s:s + EVAL_BATCH], tokens)).float()
+                            for s in range(0, ids.shape[0], EVAL_BATCH)])
     model.train(was_training)
     target = (y > 0)
     pred = logits > 0
