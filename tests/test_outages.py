@@ -475,6 +475,19 @@ def one_outage_logged(worker: Worker) -> str:
     return back
 
 
+def rode_it_out(workers: list[Worker], queue, fault_free, cause: str = "") -> None:
+    """Every worker exited 0, each job succeeded once on its first attempt, bit-identical
+    to the fault-free run, and each worker logged the outage once (`cause` in its start)."""
+    for w in workers:
+        assert w.wait() == 0, w.text()[-3000:]
+    jobs = check_all_done_once(queue, fault_free)
+    assert [j["attempts"] for j in jobs] == [1] * len(workers)
+    for w in workers:
+        assert cause in w.text().split("WARNING database unreachable: ")[1], w.text()[-3000:]
+        one_outage_logged(w)
+    queue.engine.dispose()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_two_workers_ride_out_a_postgresql_restart(pg_cluster, tmp_path, fault_free, mode):
@@ -669,14 +682,7 @@ def test_two_workers_ride_out_a_sqlite_lock_held_past_their_busy_timeout(tmp_pat
     # Training went on meanwhile (the steps' metrics are in the jobs' folders).
     assert all(b + 50 <= a or a == STEPS for b, a in zip(before, after, strict=True)), \
         (before, after)
-    for w in workers:
-        assert w.wait() == 0, w.text()[-3000:]
-    jobs = check_all_done_once(queue, fault_free)
-    assert [j["attempts"] for j in jobs] == [1, 1]
-    for w in workers:
-        assert "database is locked" in w.text().split("WARNING database unreachable: ")[1]
-        one_outage_logged(w)
-    queue.engine.dispose()
+    rode_it_out(workers, queue, fault_free, "database is locked")
 
 
 @pytest.fixture
@@ -724,14 +730,7 @@ def test_two_workers_ride_out_a_full_disk_under_the_database(small_disk, tmp_pat
     filler = fill(small_disk)
     time.sleep(10)
     filler.unlink()
-    for w in workers:
-        assert w.wait() == 0, w.text()[-3000:]
-    jobs = check_all_done_once(queue, fault_free)
-    assert [j["attempts"] for j in jobs] == [1, 1]
-    for w in workers:
-        assert "database or disk is full" in w.text().split("WARNING database unreachable: ")[1]
-        one_outage_logged(w)
-    queue.engine.dispose()
+    rode_it_out(workers, queue, fault_free, "database or disk is full")
 
 
 @pytest.fixture
@@ -791,13 +790,7 @@ def test_two_workers_ride_out_a_silent_network(netns, tmp_path, fault_free):
         # Training went on (no database wait held the training thread up).
         assert all(b + 50 <= a or a == STEPS for b, a in zip(before, after, strict=True)), \
             (before, after)
-        for w in workers:
-            assert w.wait() == 0, w.text()[-3000:]
-        jobs = check_all_done_once(queue, fault_free)
-        assert [j["attempts"] for j in jobs] == [1, 1]
-        for w in workers:
-            one_outage_logged(w)          # noticed, not hung on
-        queue.engine.dispose()
+        rode_it_out(workers, queue, fault_free)    # noticed, not hung on
     finally:
         pgserver.stop(folder)
         shutil.rmtree(folder, ignore_errors=True)
