@@ -43,12 +43,18 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.trainer import Job, device_name  # noqa: E402
+from bench.trainer import Job, device_name, time_job_extras  # noqa: E402
 from trainer import checkpoint as ckpt  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.data import build_eval_set, derive_seed, embed, token_table  # noqa: E402
+from trainer.data import embed  # noqa: E402
 from trainer.files import read_metrics  # noqa: E402
-from trainer.train import EVAL_BATCH, autocast, evaluate, float32_matmuls  # noqa: E402
+from trainer.train import (  # noqa: E402
+    EVAL_BATCH,
+    autocast,
+    float32_matmuls,
+    job_eval_set,
+    job_tokens,
+)
 
 FAMILIES = ("gpt2", "lowrank_gpt2")
 VS = (5, 20)
@@ -104,19 +110,8 @@ def measure_steps(args) -> dict:
             if dev.type == "cuda":
                 r["peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
             if precision == "fp32":
-                cfg = job.cfg
-                m, t, e = cfg["model"], cfg["training"], cfg["evaluation"]
-                ids, y = build_eval_set(V, m["C"], t["task_kwargs"]["rho"],
-                                        derive_seed("eval", cfg["seeds"]["run"]),
-                                        e["eval_examples"])
-                t0 = time.perf_counter()
-                evaluate(job.model, ids.to(dev), y.to(dev), job.tokens)
-                job.sync()
-                r["eval"] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                ckpt.to_host({"model": job.model.state_dict(),
-                              "optimizer": job.optimizer.state_dict()})
-                r["copy"] = time.perf_counter() - t0
+                extras = time_job_extras(job)
+                r["eval"], r["copy"] = extras["eval"], extras["copy"]
             say(f"  {family} V={V} {precision}: {step_s:.4f} s/step")
             del job
     return out
@@ -223,17 +218,11 @@ def final_logits(out_dir: Path, dev: torch.device) -> torch.Tensor:
 
     config = load_config(out_dir / ckpt.CONFIG_FILE)
     state = ckpt.load_latest_state(out_dir, say)
-    m, t, e = config["model"], config["training"], config["evaluation"]
-    run_seed = config["seeds"]["run"]
-    model = build_model(m)
+    model = build_model(config["model"])
     model.load_state_dict(state["model"])
     model.to(dev).eval()
-    ids, _ = build_eval_set(m["V"], m["C"], t["task_kwargs"]["rho"], derive_seed("eval", run_seed),
-                            e["eval_examples"])
-    tokens = token_table(m["V"], m["C"], m["n_dims"], m["truncated_dims"],
-                         derive_seed("tokens", run_seed)).to(dev)
-    ids = ids.to(dev)
-    with torch.no_grad(), autocast(t["precision"], dev):
+    ids, tokens = job_eval_set(config)[0].to(dev), job_tokens(config).to(dev)
+    with torch.no_grad(), autocast(config["training"]["precision"], dev):
         return torch.cat([model(embed(ids[s:s + EVAL_BATCH], tokens)).float().cpu()
                           for s in range(0, ids.shape[0], EVAL_BATCH)])
 

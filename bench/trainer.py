@@ -56,14 +56,12 @@ from models import build_model  # noqa: E402
 from trainer import checkpoint as ckpt  # noqa: E402
 from trainer.config import resolve  # noqa: E402
 from trainer.data import (  # noqa: E402
-    build_eval_set,
     build_pool,
     derive_seed,
     embed,
     sample_indices,
-    token_table,
 )
-from trainer.train import evaluate  # noqa: E402
+from trainer.train import evaluate, job_eval_set, job_tokens  # noqa: E402
 
 N = 4096
 FAMILIES = ("gpt2", "lowrank_gpt2")
@@ -111,8 +109,7 @@ class Job:
             pool_s.append(time.perf_counter() - t0)
         self.pool_s = pool_s[-1]
         run_seed = cfg["seeds"]["run"]
-        self.tokens = token_table(V, m["C"], m["n_dims"], m["truncated_dims"],
-                                  derive_seed("tokens", run_seed)).to(dev)
+        self.tokens = job_tokens(cfg).to(dev)
         self.pool_ids, self.pool_y = pool_ids.to(dev), pool_y.to(dev)
         self.batches = torch.Generator().manual_seed(derive_seed("batches", run_seed))
         torch.manual_seed(derive_seed("init", run_seed))
@@ -155,10 +152,8 @@ def time_job_extras(job: Job) -> dict[str, float]:
     """Full profile: one evaluation, and one checkpoint (state + snapshot) as the trainer
     writes it: the host copy the training loop waits for, and the serialise/checksum/write/fsync
     it used to wait for too and now leaves to a background thread."""
-    cfg, m, t, e = job.cfg, job.cfg["model"], job.cfg["training"], job.cfg["evaluation"]
-    ids, y = build_eval_set(m["V"], m["C"], t["task_kwargs"]["rho"],
-                            derive_seed("eval", cfg["seeds"]["run"]), e["eval_examples"])
-    ids, y = ids.to(job.dev), y.to(job.dev)
+    cfg, t, e = job.cfg, job.cfg["training"], job.cfg["evaluation"]
+    ids, y = (v.to(job.dev) for v in job_eval_set(cfg))
     t0 = time.perf_counter()
     evaluate(job.model, ids, y, job.tokens)
     job.sync()

@@ -144,9 +144,8 @@ def _train(config, out, device, on_progress, stop, log, writer, track) -> RunRes
     # Data: the pool and eval set as token ids on the device, one shared
     # token-vector table, and a generator of batch indices (saved in the state).
     pool_ids, pool_y = build_pool(V, C, rho, config["seeds"]["pool"], t["num_training_examples"])
-    eval_ids, eval_y = build_eval_set(V, C, rho, derive_seed("eval", run_seed), e["eval_examples"])
-    tokens = token_table(V, C, m["n_dims"], m["truncated_dims"],
-                         derive_seed("tokens", run_seed)).to(device)
+    eval_ids, eval_y = job_eval_set(config)
+    tokens = job_tokens(config).to(device)
     pool_ids, pool_y = pool_ids.to(device), pool_y.to(device)
     eval_ids, eval_y = eval_ids.to(device), eval_y.to(device)
     batches = torch.Generator().manual_seed(derive_seed("batches", run_seed))
@@ -259,6 +258,20 @@ def _train(config, out, device, on_progress, stop, log, writer, track) -> RunRes
         f"{metrics['balanced_accuracy']:.4f}, majority rate {metrics['majority_rate']:.4f} "
         f"({done - start} steps in {elapsed:.1f}s)")
     return RunResult("completed", total, metrics)
+
+
+def job_tokens(config: dict) -> torch.Tensor:
+    """The job's token-vector table (truncated as configured), on the CPU."""
+    m = config["model"]
+    return token_table(m["V"], m["C"], m["n_dims"], m["truncated_dims"],
+                       derive_seed("tokens", config["seeds"]["run"]))
+
+
+def job_eval_set(config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The job's evaluation set (token ids, labels), on the CPU."""
+    m, t, e = config["model"], config["training"], config["evaluation"]
+    return build_eval_set(m["V"], m["C"], t["task_kwargs"]["rho"],
+                          derive_seed("eval", config["seeds"]["run"]), e["eval_examples"])
 
 
 def autocast(precision: str, device: torch.device):
