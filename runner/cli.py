@@ -398,7 +398,7 @@ def results(ctx, as_json, as_csv):
     (noted on stderr, and under "notes" in --json). The header says what was
     run: profile, steps, model size and --set overrides.
     """
-    from runner.results import aggregate, to_csv, to_json, to_text
+    from runner.reporting.results import aggregate, to_csv, to_json, to_text
 
     if as_json and as_csv:
         raise BadInput("--json and --csv: choose one output format")
@@ -418,8 +418,8 @@ def results(ctx, as_json, as_csv):
 @click.pass_context
 def plot(ctx, out, curves_dir):
     """Sample-complexity figure (accuracy vs N per V and model) and training curves."""
-    from runner.plot import sample_complexity, training_curves
-    from runner.results import aggregate
+    from runner.reporting.plot import sample_complexity, training_curves
+    from runner.reporting.results import aggregate
 
     if not out.lower().endswith(".png"):
         raise BadInput(f"--out '{out}': the figure is written as PNG; name it *.png")
@@ -521,8 +521,8 @@ def serve(ctx, host, port):
     /api/status (= status --json), /api/results (= results --json),
     /api/jobs/NAME, /api/latest. Ctrl-C stops it.
     """
-    from runner.serve import Dashboard, bind, is_loopback, open_readonly
-    from runner.serve import serve as run_server
+    from runner.reporting.serve import Dashboard, bind, is_loopback, open_readonly
+    from runner.reporting.serve import serve as run_server
 
     try:
         dashboard = Dashboard(open_readonly(ctx.obj["db"]), ctx.obj["db"])
@@ -554,7 +554,7 @@ def report(ctx, out):
     What was run, progress, the results table, the sample-complexity figure,
     training curves per (V, N), failures with their errors, every job.
     """
-    from runner.report import write
+    from runner.reporting.report import write
 
     if not out.lower().endswith((".html", ".htm")):
         raise BadInput(f"--out '{out}': the report is HTML; name it *.html")
@@ -577,7 +577,7 @@ def export(ctx, tb_dir, follow, interval):
     Needs the tensorboard extra (pip install -e '.[tensorboard]'); view with
     `tensorboard --logdir DIR`.
     """
-    from runner.export import Exporter, MissingExtra
+    from runner.reporting.export import Exporter, MissingExtra
 
     queue = open_queue(ctx)
     try:

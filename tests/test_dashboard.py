@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from db import JobQueue, connect
-from runner.results import spread
+from runner.reporting.results import spread
 from tests.browser import chrome, keep_artifact
 from tests.conftest import BACKENDS, PYTHON, ROOT, cli, digest, new_pg_database, runner_env
 from trainer.files import METRICS_FILE, read_metrics

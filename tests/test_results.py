@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import results as res
-from runner.plot import sample_complexity_figure
 from runner.progress import JobDisplay, duration, eta_line, sweep_progress
+from runner.reporting import results as res
+from runner.reporting.plot import sample_complexity_figure
 from tests.conftest import PYTHON, ROOT, runner_env
 from trainer.config import resolve
 from trainer.files import METRICS_FILE

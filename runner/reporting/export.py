@@ -54,7 +54,7 @@ def tag(key: str) -> str | None:
 
 def hparams(job: dict) -> dict:
     """The job's resolved config, flattened to dotted keys, plus its sweep coordinates."""
-    from runner.results import flatten
+    from runner.reporting.results import flatten
 
     out = {"job.V": job["v"], "job.N": job["n"], "job.model": job["model"], "job.run": job["run"]}
     for key, value in flatten(job["config"]).items():
@@ -98,7 +98,7 @@ class Exporter:
         return written
 
     def _export_job(self, job: dict) -> int:
-        from runner.views import JOB_NAME
+        from runner.reporting.views import JOB_NAME
 
         name = job["name"]
         if not JOB_NAME.fullmatch(name):  # the run's folder name: never a path

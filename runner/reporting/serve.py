@@ -1,6 +1,6 @@
 """`python -m runner serve`: a read-only, live web dashboard of one queue.
 
-A Starlette app served by uvicorn. The page (runner/static/) polls the JSON
+A Starlette app served by uvicorn. The page (runner/reporting/static/) polls the JSON
 API every few seconds and redraws in place:
 
     GET /                              the page
@@ -9,13 +9,13 @@ API every few seconds and redraws in place:
     GET /api/latest                    newest evaluation and staleness of every job
     GET /api/jobs/<name>               one job: status row, config, metrics, events, log tail
     GET /api/info                      the queue (password masked), refresh interval
-    GET /figures/sample_complexity.png runner.plot.sample_complexity of the results so far
+    GET /figures/sample_complexity.png runner.reporting.plot.sample_complexity of the results so far
 
 Read-only: the queue is opened once (see `open_readonly`) and only read.
 When the database is locked or unreachable, the API answers 503 with the
 reason (password masked), the page shows it in a banner and keeps polling.
 Nothing served holds a password or a path outside the runs folder
-(runner.views.Redactor); job names in URLs must be known jobs.
+(runner.reporting.views.Redactor); job names in URLs must be known jobs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 
-log = logging.getLogger("runner.serve")
+log = logging.getLogger("runner.reporting.serve")
 
 
 def open_readonly(url: str) -> JobQueue:
@@ -57,31 +57,31 @@ class Dashboard:
         self.figure: tuple[str | None, bytes | None] = (None, None)
 
     def snapshot(self):
-        from runner.views import Redactor
+        from runner.reporting.views import Redactor
 
         counts, jobs = self.queue.counts(), self.queue.jobs()
         return counts, jobs, Redactor(jobs)
 
     def status(self) -> dict:
-        from runner.views import status_payload
+        from runner.reporting.views import status_payload
 
         _, _, redactor = self.snapshot()
         return status_payload(self.queue, self.starts_cache, redactor)
 
     def results(self) -> dict:
-        from runner.results import aggregate
-        from runner.views import results_payload
+        from runner.reporting.results import aggregate
+        from runner.reporting.views import results_payload
 
         _, jobs, redactor = self.snapshot()
         return results_payload(aggregate(jobs), redactor)
 
     def latest(self) -> dict:
-        from runner.views import latest_payload
+        from runner.reporting.views import latest_payload
 
         return latest_payload(self.queue.jobs(), self.queue.workers())
 
     def job(self, name: str) -> dict | None:
-        from runner.views import JOB_NAME, job_detail, status_payload
+        from runner.reporting.views import JOB_NAME, job_detail, status_payload
 
         if not JOB_NAME.fullmatch(name):
             return None
@@ -95,8 +95,8 @@ class Dashboard:
 
     def figure_png(self) -> bytes | None:
         """The sample-complexity figure, drawn again only when the results changed."""
-        from runner.results import aggregate
-        from runner.views import fingerprint, sample_complexity_png
+        from runner.reporting.results import aggregate
+        from runner.reporting.views import fingerprint, sample_complexity_png
 
         results = aggregate(self.queue.jobs())
         key = fingerprint(results.rows)
@@ -111,7 +111,7 @@ class Dashboard:
         """The queue's URL, password masked; a SQLite file outside the runs folder shortened."""
         from sqlalchemy.engine import make_url
 
-        from runner.views import Redactor
+        from runner.reporting.views import Redactor
 
         url = make_url(self.url)
         if url.get_backend_name() == "sqlite" and url.database and url.database.startswith("/"):
@@ -179,7 +179,7 @@ def make_app(dashboard: Dashboard, host: str = "127.0.0.1"):
                         headers={"Cache-Control": "no-store", **SECURITY_HEADERS})
 
     def database_error(request: Request, exc: Exception) -> Response:
-        from runner.views import Redactor
+        from runner.reporting.views import Redactor
 
         log.warning("database: %s", exc)
         return JSONResponse({"error": Redactor([]).text(str(exc)), "database": "unavailable"},

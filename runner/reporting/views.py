@@ -2,7 +2,7 @@
 
 Torch-free and click-free. The status and results payloads are the `status
 --json` and `results --json` documents themselves (runner.status.status_json,
-runner.results.aggregate/to_json), passed through a `Redactor` so that nothing
+runner.reporting.results.aggregate/to_json), passed through a `Redactor` so that nothing
 shown outside this machine holds a database password or a path outside the
 runs folder. Everything else (newest evaluation of running jobs, a job's
 curves, events and log tail, what was run) is read here.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from runner.results import Results, to_json
-from runner.results import what_was_run as results_what_was_run
+from runner.reporting.results import Results, to_json
+from runner.reporting.results import what_was_run as results_what_was_run
 from runner.status import snapshot, stale_reason, status_json
 from trainer.files import CONFIG_FILE, LOG_FILE, METRICS_FILE, read_metrics
 
@@ -191,8 +191,8 @@ _figure_lock = threading.Lock()  # one matplotlib render at a time in a threaded
 
 
 def sample_complexity_png(results: Results) -> bytes | None:
-    """runner.plot.sample_complexity as PNG bytes; None until a job has finished."""
-    from runner.plot import sample_complexity
+    """runner.reporting.plot.sample_complexity as PNG bytes; None until a job has finished."""
+    from runner.reporting.plot import sample_complexity
 
     if not any(r["runs_finished"] for r in results.rows):
         return None
@@ -201,8 +201,8 @@ def sample_complexity_png(results: Results) -> bytes | None:
 
 
 def training_curves_png(jobs: list[dict]) -> list[tuple[str, bytes]]:
-    """runner.plot.training_curves as (file name, PNG bytes), one per (V, N)."""
-    from runner.plot import training_curves
+    """runner.reporting.plot.training_curves as (file name, PNG bytes), one per (V, N)."""
+    from runner.reporting.plot import training_curves
 
     with _figure_lock, tempfile.TemporaryDirectory(prefix="runner-fig-") as tmp:
         return [(p.name, p.read_bytes()) for p in training_curves(jobs, tmp)]
@@ -216,7 +216,7 @@ def fingerprint(doc) -> str:
 
 
 def what_was_run(jobs: list[dict]) -> dict:
-    """runner.results.what_was_run, plus the grid, the workers and the versions."""
+    """runner.reporting.results.what_was_run, plus the grid, the workers and the versions."""
     run = results_what_was_run(jobs)
     workers = sorted({":".join(j["worker"].split(":")[:2]) for j in jobs if j["worker"]})
     return {

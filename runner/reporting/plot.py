@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.results import MODEL_LABELS, Results, run_lines
+from runner.reporting.results import MODEL_LABELS, Results, run_lines
 from trainer.files import read_metrics
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]

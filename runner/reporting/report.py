@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 
 from runner.progress import eta_line
-from runner.results import TEXT_HEADERS, aggregate, run_lines, text_cells
-from runner.status import snapshot
-from runner.views import (
+from runner.reporting.results import TEXT_HEADERS, aggregate, run_lines, text_cells
+from runner.reporting.views import (
     Redactor,
     newest_eval,
     sample_complexity_png,
     training_curves_png,
     what_was_run,
 )
+from runner.status import snapshot
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif;
