@@ -50,6 +50,11 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE jobs ADD COLUMN stop_request VARCHAR(16)",
         "ALTER TABLE jobs ADD COLUMN peak_memory FLOAT",
         "UPDATE jobs SET claims = attempts"],
+    # 3: launches table (created by create_all), a worker's SLURM ids and GPUs.
+    2: ["ALTER TABLE workers ADD COLUMN slurm_job_id VARCHAR(32)",
+        "ALTER TABLE workers ADD COLUMN slurm_array VARCHAR(64)",
+        "ALTER TABLE workers ADD COLUMN slurm_restarts INTEGER",
+        "ALTER TABLE workers ADD COLUMN gpus VARCHAR(64)"],
 }
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre",
                        "gpfs", "ceph", "glusterfs", "fuse.glusterfs"}
@@ -304,9 +309,19 @@ def _ensure_schema(engine: Engine) -> None:
         # locked transaction, so rows are kept and no two processes migrate.
         for step in range(version, SCHEMA_VERSION):
             for statement in MIGRATIONS[step]:
-                conn.execute(text(statement))
+                if not _adds_existing_column(conn, statement):
+                    conn.execute(text(statement))
         conn.execute(update(Meta).where(Meta.key == "schema_version")
                      .values(value=str(SCHEMA_VERSION)))
+
+
+def _adds_existing_column(conn, statement: str) -> bool:
+    """An `ALTER TABLE t ADD COLUMN c` whose column is there already: a table that
+    create_all has just made at the newest schema (it was missing in the old one)."""
+    words = statement.split()
+    if words[:2] != ["ALTER", "TABLE"] or words[3:5] != ["ADD", "COLUMN"]:
+        return False
+    return words[5] in {c["name"] for c in inspect(conn).get_columns(words[2])}
 
 
 def default_url() -> str:

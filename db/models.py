@@ -1,12 +1,12 @@
 """Tables: `jobs` (one row per run; plain-sqlite3 friendly), `workers` (one row per worker
-process) and `events` (append-only audit)."""
+process), `events` (append-only audit) and `launches` (worker batches handed to a scheduler)."""
 
 from __future__ import annotations
 
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 STOP_REQUESTS = ("cancel", "pause")  # asked of a running job's worker, seen at its next write
 
@@ -86,6 +86,12 @@ class Worker(Base):
     job: Mapped[str | None] = mapped_column(String(200))
     started_at: Mapped[float] = mapped_column(Float)
     seen_at: Mapped[float] = mapped_column(Float)
+    # Under SLURM: the task's own job id, its array coordinates ("ARRAYJOB_TASK"), how often
+    # SLURM restarted it, and the GPUs SLURM allocated to it (as SLURM numbers them).
+    slurm_job_id: Mapped[str | None] = mapped_column(String(32))
+    slurm_array: Mapped[str | None] = mapped_column(String(64))
+    slurm_restarts: Mapped[int | None] = mapped_column(Integer)
+    gpus: Mapped[str | None] = mapped_column(String(64))
 
 
 class Event(Base):
@@ -101,3 +107,19 @@ class Event(Base):
     token: Mapped[str | None] = mapped_column(String(64))
     attempt: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Launch(Base):
+    """Workers submitted to a scheduler in one go (a SLURM job array): what, when, where."""
+
+    __tablename__ = "launches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[float] = mapped_column(Float)
+    scheduler: Mapped[str] = mapped_column(String(16))       # slurm
+    job_id: Mapped[str] = mapped_column(String(32), index=True)  # the scheduler's id
+    tasks: Mapped[int] = mapped_column(Integer)
+    script: Mapped[str | None] = mapped_column(Text)         # path of the submitted script
+    detail: Mapped[str | None] = mapped_column(Text)         # JSON: partition, time limit, ...
+    # Set by `slurm cancel`: the launch's workers stop for good (no self-requeue).
+    cancelled_at: Mapped[float | None] = mapped_column(Float)

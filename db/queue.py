@@ -25,7 +25,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, and_, delete, exc, func, insert, or_, select, update
 
 from db.engine import QUICK_BUSY_TIMEOUT_MS, DatabaseError, db_now, describe, mask_url
-from db.models import STATES, Event, Job, Meta, Worker
+from db.models import STATES, Event, Job, Launch, Meta, Worker
 from db.outage import OutageNotice, Outages
 
 T = TypeVar("T")
@@ -423,16 +423,16 @@ class JobQueue:
                      .values(seen_at=db_now(), state=state, job=job))
 
     def register_worker(self, name: str, host: str, pid: int, process: str | None,
-                        device: str, lease_seconds: float) -> None:
+                        device: str, lease_seconds: float, slurm: dict | None = None) -> None:
         """Record a starting worker (a row left by an earlier process of that name is
-        replaced: pids are reused)."""
+        replaced: pids are reused). `slurm`: the workers-table SLURM columns, under SLURM."""
 
         def body(conn: Connection, retrying: bool) -> None:
             conn.execute(delete(Worker).where(Worker.name == name))
             conn.execute(insert(Worker).values(
                 name=name, host=host, pid=pid, process=process, device=device,
                 lease_seconds=lease_seconds, state="idle", job=None, started_at=db_now(),
-                seen_at=db_now()))
+                seen_at=db_now(), **(slurm or {})))
 
         self._transaction(body)
 
@@ -512,6 +512,39 @@ class JobQueue:
         now, rows = self._read(body)
         return [{"name": r.name, "worker": r.worker,
                  "expires_in": max(0.0, r.heartbeat_at + r.lease_seconds - now)} for r in rows]
+
+    # --- launches: workers handed to a scheduler ------------------------------------
+
+    def record_launch(self, scheduler: str, job_id: str, tasks: int, script: str | None,
+                      detail: dict) -> None:
+        def body(conn: Connection, retrying: bool) -> None:
+            conn.execute(insert(Launch).values(
+                at=db_now(), scheduler=scheduler, job_id=job_id, tasks=tasks, script=script,
+                detail=json.dumps(detail, sort_keys=True)))
+
+        self._transaction(body, retry=False)
+
+    def launches(self, scheduler: str) -> list[dict]:
+        """Every launch of `scheduler`, oldest first (detail parsed)."""
+        rows = self._read(lambda conn: conn.execute(
+            select(*Launch.__table__.columns).where(Launch.scheduler == scheduler)
+            .order_by(Launch.id)).mappings().all())
+        return [{**r, "detail": json.loads(r["detail"] or "{}")} for r in rows]
+
+    def cancel_launch(self, scheduler: str, job_id: str) -> bool:
+        """Mark a launch cancelled: its workers stop for good. False if no such launch."""
+
+        def body(conn: Connection, retrying: bool) -> bool:
+            return bool(conn.execute(
+                update(Launch).where(Launch.scheduler == scheduler, Launch.job_id == job_id)
+                .values(cancelled_at=func.coalesce(Launch.cancelled_at, db_now()))).rowcount)
+
+        return self._transaction(body, retry=False)
+
+    def launch_cancelled(self, scheduler: str, job_id: str) -> bool:
+        return self._read(lambda conn: conn.execute(
+            select(Launch.id).where(Launch.scheduler == scheduler, Launch.job_id == job_id,
+                                    Launch.cancelled_at.is_not(None))).first() is not None)
 
     # --- the user's side -----------------------------------------------------------
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -202,11 +204,13 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_o
     On a terminal the running job shows a progress bar (step/total, loss,
     steps/s, ETA); otherwise a log line every --progress-every seconds.
     """
+    from runner.slurm.task import SlurmTask
     from runner.worker import BadDevice, Worker
 
     queue = open_queue(ctx, outage=db_outage)
     try:
-        w = Worker(queue, gpu, lease, order, threads, progress_every)
+        w = Worker(queue, gpu, lease, order, threads, progress_every,
+                   slurm=SlurmTask.from_environ(os.environ))
     except BadDevice as e:
         raise BadInput(str(e)) from None
     w.install_signal_handlers()
@@ -597,6 +601,189 @@ def export(ctx, tb_dir, follow, interval):
         pass
     finally:
         exporter.close()
+
+
+@cli.group()
+def slurm():
+    """Workers as a SLURM job array: submit, status, cancel (README, "On a SLURM cluster")."""
+
+
+@slurm.command("submit")
+@click.option("--workers", type=click.IntRange(min=1), required=True,
+              help="Array tasks: one worker each.")
+@click.option("--parallel", type=click.IntRange(min=1), default=None,
+              help="At most this many tasks at once (--array=0-N%P).")
+@click.option("--partition", default=None)
+@click.option("--time", "time_limit", default=None, metavar="MINUTES|HH:MM:SS",
+              help="Each task's time limit; a worker stopped by it requeues itself.")
+@click.option("--gpus-per-worker", type=click.IntRange(min=0), default=None,
+              help="--gres=gpu:K per task [default: 1; 0 with --cpu].")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), default=None,
+              help="--cpus-per-task; the worker uses that many threads.")
+@click.option("--mem", default=None, help="Memory per task, as sbatch takes it (16G).")
+@click.option("--account", default=None)
+@click.option("--qos", default=None)
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="ARG",
+              help="One more #SBATCH line, e.g. --sbatch-arg=--constraint=a100 (repeatable).")
+@click.option("--cpu", is_flag=True, help="Workers train on the CPU (--gpu cpu).")
+@click.option("--grace", type=click.IntRange(min=10), default=120, show_default=True,
+              metavar="SECONDS",
+              help="The stop signal comes this long before the time limit: the worker "
+                   "checkpoints and hands its job back meanwhile.")
+@click.option("--signal", "stop_signal", type=click.Choice(["TERM", "USR1", "HUP"]),
+              default="TERM", show_default=True, help="The signal sent before the time limit.")
+@click.option("--lease", type=click.FloatRange(min=1), default=None,
+              help="The workers' --lease [default: the worker's].")
+@click.option("--logs", type=click.Path(file_okay=False), default=None,
+              help="Folder of the script and the tasks' logs [default: <out-root>/logs].")
+@click.option("--dry-run", is_flag=True, help="Print the script; submit nothing.")
+@click.pass_context
+def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
+                 cpus_per_worker, mem, account, qos, sbatch_args, cpu, grace, stop_signal,
+                 lease, logs, dry_run):
+    """Submit WORKERS workers of this queue as one SLURM job array; print its job id.
+
+    Each task asks for its GPU(s), is requeued on preemption (--requeue), gets the stop
+    signal GRACE seconds before its time limit, hands its job back and requeues itself
+    while jobs are pending; it exits 0 when nothing is left, so the array ends with the
+    sweep. The queue URL is written into the script (which is private to you).
+    """
+    from runner.slurm import launch
+
+    try:
+        limit = launch.parse_time(time_limit) if time_limit else None
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    if limit and grace >= launch.time_seconds(limit):
+        raise BadInput(f"--grace {grace}s is not shorter than --time {time_limit}: the "
+                       "workers would be told to stop before they start")
+    url = absolute_sqlite_url(ctx.obj["db"])
+    queue = open_queue(ctx, readonly=dry_run)
+    # Running jobs count: one whose worker died is the new workers' to reclaim.
+    pending = [j for j in queue.jobs() if j["state"] in ("pending", "running")]
+    if not pending:
+        raise BadInput("nothing pending or running in the queue: no workers to submit "
+                       "(python -m runner status)")
+    opts = launch.SubmitOptions(
+        workers=workers, parallel=parallel, partition=partition, time=limit,
+        gpus_per_worker=(0 if cpu else 1) if gpus_per_worker is None else gpus_per_worker,
+        cpus_per_worker=cpus_per_worker, mem=mem, account=account, qos=qos, cpu=cpu,
+        grace=grace, signal=stop_signal, sbatch_args=list(sbatch_args),
+        worker_args=["--lease", f"{lease:g}"] if lease else [])
+    logs = Path(logs or Path(pending[0]["out_dir"]).parents[1] / "logs").resolve()
+    try:
+        if not dry_run:
+            launch.sbatch_path()
+        if shutil.which("sinfo"):
+            launch.check_multi_node(url, sorted({j["out_dir"] for j in pending}),
+                                    launch.partition_nodes(partition))
+    except launch.SlurmError as e:
+        raise BadInput(str(e)) from None
+    if dry_run:
+        click.echo(launch.batch_script(opts, mask_url(url), logs, shown_url=mask_url(url)),
+                   nl=False)
+        return
+    script = launch.write_script(launch.batch_script(opts, url, logs, shown_url=mask_url(url)),
+                                 logs)
+    try:
+        job_id = launch.submit(script)
+    except launch.SlurmError as e:
+        raise click.ClickException(f"{e} (script kept: {script})") from None
+    queue.record_launch("slurm", job_id, workers, str(script), launch.launch_detail(opts))
+    click.echo(job_id)
+    click.echo(f"submitted {workers} worker(s) as SLURM job {job_id} for {len(pending)} "
+               f"unfinished job(s); script {script}, logs {logs}/slurm-{job_id}_*.log",
+               err=True)
+
+
+def absolute_sqlite_url(url: str) -> str:
+    """A SQLite URL with an absolute path: the tasks run in another folder."""
+    from db.engine import normalize_url
+
+    url = normalize_url(url)
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url[len(prefix):].startswith("/"):
+        path, sep, query = url[len(prefix):].partition("?")
+        return prefix + str(Path(path).resolve()) + sep + query
+    return url
+
+
+@slurm.command("status")
+@click.pass_context
+def slurm_status(ctx):
+    """The SLURM launches of this queue, their tasks (squeue, sacct) and workers."""
+    from runner.slurm import launch
+
+    queue = open_queue(ctx, readonly=True)
+    launches = queue.launches("slurm")
+    if not launches:
+        click.echo("no SLURM launches recorded for this queue (python -m runner slurm submit)")
+        return
+    try:
+        found = launch.tasks([la["job_id"] for la in launches])
+    except launch.SlurmError as e:
+        found = {}
+        click.echo(f"({e}; showing the queue's records only)", err=True)
+    workers = collections.defaultdict(list)
+    for w in queue.workers():
+        if w["slurm_array"]:
+            workers[w["slurm_array"]].append(w)
+    for la in launches:
+        state = "cancelled" if la["cancelled_at"] else "submitted"
+        click.echo(f"SLURM job {la['job_id']}: {la['tasks']} task(s), {state} "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(la['at']))}; "
+                   f"{launch.describe_detail(la['detail'])}")
+        click.echo(f"  script {la['script']}")
+        tasks = {t["task"]: t for t in found.get(la["job_id"], [])}
+        names = sorted(set(tasks) | {a for a in workers if a.split("_")[0] == la["job_id"]},
+                       key=lambda a: int(a.rpartition("_")[2] or 0))
+        for name in names:
+            task = tasks.get(name)
+            where = (f"{task['state'].lower()} {task['time']} ({task['reason']})" if task
+                     else "not in squeue")
+            newest = workers[name][-1] if workers.get(name) else None
+            who = (f"worker {newest['name']} ({'live' if newest['alive'] else newest['state']}"
+                   f", GPUs {newest['gpus'] or '-'}, restarts {newest['slurm_restarts']}"
+                   + (f", job {newest['job']}" if newest["job"] else "") + ")"
+                   if newest else "no worker yet")
+            click.echo(f"  task {name}: {where}; {who}")
+
+
+@slurm.command("cancel")
+@click.argument("job_ids", nargs=-1, metavar="[JOBID]...")
+@click.option("--grace", type=click.FloatRange(min=0), default=120, show_default=True,
+              metavar="SECONDS", help="How long running workers get to hand their jobs back.")
+@click.option("--signal", "stop_signal", type=click.Choice(["TERM", "USR1", "HUP"]),
+              default="TERM", show_default=True)
+@click.pass_context
+def slurm_cancel(ctx, job_ids, grace, stop_signal):
+    """Stop SLURM launches without losing work (default: every launch not cancelled yet).
+
+    Tasks not started are cancelled; running workers get the hand-back signal, checkpoint
+    and return their jobs to pending, and do not requeue themselves.
+    """
+    from runner.slurm import launch
+
+    queue = open_queue(ctx)
+    known = {la["job_id"]: la for la in queue.launches("slurm")}
+    for job_id in job_ids:
+        if job_id not in known:
+            raise BadInput(f"SLURM job {job_id} is not a launch of this queue "
+                           f"(known: {', '.join(known) or 'none'})")
+    chosen = list(job_ids) or [j for j, la in known.items() if not la["cancelled_at"]]
+    if not chosen:
+        click.echo("no SLURM launch left to cancel")
+        return
+    for job_id in chosen:
+        queue.cancel_launch("slurm", job_id)  # first: a stopped worker must not requeue
+        try:
+            done = launch.cancel(job_id, stop_signal, grace)
+        except launch.SlurmError as e:
+            raise click.ClickException(str(e)) from None
+        click.echo(f"SLURM job {job_id} cancelled: {done['signalled']} running worker(s) "
+                   "signalled to hand their jobs back" + (
+                       f", {done['killed']} still running after {grace:g}s and killed (their "
+                       "jobs resume from their last checkpoints)" if done["killed"] else ""))
 
 
 def main() -> None:

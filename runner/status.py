@@ -12,7 +12,8 @@ JOB_FIELDS = ("name", "state", "v", "n", "model", "run", "attempts", "step", "to
               "loss", "worker", "heartbeat_age", "test_accuracy", "balanced_accuracy",
               "majority_rate", "error", "out_dir")
 RUNNING_FIELDS = ("stop_request", "peak_memory")
-WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive")
+WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive", "gpus", "slurm_job_id",
+                 "slurm_array", "slurm_restarts")
 
 
 def attempt_starts(queue, jobs: list[dict], cache: dict | None = None) -> dict[int, int]:
@@ -105,6 +106,9 @@ def status_text(snap: dict, where: str) -> str:
         idle = [w["name"] for w in live if w["state"] != "busy"]
         out.append(f"workers: {len(live)} live" + (f" ({len(idle)} idle: "
                                                    + ", ".join(idle[:4]) + ")" if idle else ""))
+        out += [f"  {w['name']}: SLURM task {w['slurm_array']} (job {w['slurm_job_id']}, "
+                f"restart {w['slurm_restarts']}, GPUs {w['gpus'] or '-'})"
+                for w in live if w["slurm_array"]]
     running = [j for j in jobs if j["state"] == "running"]
     if running:
         rows = []

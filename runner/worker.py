@@ -1,8 +1,9 @@
 """The worker loop: reclaim dead -> claim -> heartbeat -> train in-process -> finish / fail /
 release.
 
-One worker per GPU. SIGTERM or Ctrl-C asks the trainer to checkpoint and
-stop; the job goes back to pending and the worker exits 0. A second Ctrl-C
+One worker per GPU. SIGTERM, SIGUSR1, SIGHUP or Ctrl-C asks the trainer to checkpoint and
+stop; the job goes back to pending and the worker exits 0 (under SLURM, after requeueing its
+task while work is left: runner.slurm.task). A second Ctrl-C
 exits at once: the lease then expires (or a worker started on the same host
 sees the process gone) and another worker resumes the job.
 
@@ -28,6 +29,7 @@ from db import Claim, DatabaseError, JobQueue, LeaseLost
 from db.outage import OutageNotice
 from runner.liveness import HOST, dead_reason, process_token
 from runner.progress import JobDisplay, duration
+from runner.slurm.task import SlurmTask
 from trainer.device import BadDevice, check_device
 from trainer.files import append_log
 
@@ -191,18 +193,27 @@ class ProgressWriter:
                 return
 
 
+# Each asks the worker to checkpoint its job, hand it back and exit: clusters differ in what
+# they send before a time limit or a preemption.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+
+
 class Worker:
     def __init__(self, queue: JobQueue, gpu: str, lease: float, order: str = "guide",
-                 threads: int | None = None, progress_every: float = 30.0):
+                 threads: int | None = None, progress_every: float = 30.0,
+                 slurm: SlurmTask | None = None):
         self.queue, self.gpu, self.lease, self.order = queue, gpu, lease, order
         self.progress_every = progress_every  # seconds between progress log lines (no terminal)
+        self.slurm = slurm
         self.device = resolve_device(gpu)
+        threads = threads or (slurm.cpus if slurm else None)
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         self.name = f"{HOST}:{gpu}:{os.getpid()}"
         self.stopping = threading.Event()
+        self.stopped_by: str | None = None  # the signal that asked this worker to stop
         self.stop_job = threading.Event()
         self.outcomes: list[str] = []  # per job: completed, stopped, cancelled, failed, lost
         self.current: Claim | None = None  # the job being run
@@ -228,13 +239,14 @@ class Worker:
         def on_signal(signum, frame):
             if self.stopping.is_set() and signum == signal.SIGINT:
                 os._exit(130)  # second Ctrl-C: now; the lease will expire
+            self.stopped_by = signal.Signals(signum).name
             log.warning("%s: stopping after the current step (checkpoint, job back to pending)",
-                        signal.Signals(signum).name)
+                        self.stopped_by)
             self.stopping.set()
             self.stop_job.set()
 
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, on_signal)
 
     def run(self, max_jobs: int | None = None, wait: bool = False, poll: float = 5.0) -> int:
         """Work through the queue; returns how many jobs this worker ran."""
@@ -243,8 +255,15 @@ class Worker:
         import trainer.train  # noqa: F401
 
         self.queue.register_worker(self.name, HOST, os.getpid(), process_token(os.getpid()),
-                                   self.device, self.lease)
-        log.info("worker %s on %s, lease %gs", self.name, self.device, self.lease)
+                                   self.device, self.lease,
+                                   self.slurm.columns() if self.slurm else None)
+        log.info("worker %s on %s, lease %gs%s", self.name, self.device, self.lease,
+                 slurm_line(self.slurm))
+        if self.slurm and self.queue.launch_cancelled("slurm", self.slurm.launch_id):
+            log.info("SLURM job %s was cancelled (python -m runner slurm cancel): not "
+                     "claiming", self.slurm.launch_id)
+            self.queue.worker_seen(self.name, "exited")
+            return 0
         waiting_for = None
         try:
             self.reclaim_dead()
@@ -283,7 +302,34 @@ class Worker:
         finally:
             with contextlib.suppress(DatabaseError):
                 self.queue.worker_seen(self.name, "exited")
+        if self.slurm and self.stopped_by:
+            self.requeue_slurm_task()
         return len(self.outcomes)
+
+    def requeue_slurm_task(self) -> None:
+        """Stopped by a signal under SLURM (a time limit near, a preemption): come back while
+        work is left. SLURM requeues a preempted task itself, but not one at its time limit;
+        a task `slurm cancel` stopped stays stopped."""
+        task = self.slurm
+        if self.queue.launch_cancelled("slurm", task.launch_id):
+            log.info("SLURM job %s was cancelled: not requeueing task %s", task.launch_id,
+                     task.array)
+            return
+        pending = self.queue.counts()["pending"]
+        if not pending:
+            log.info("no pending jobs left: not requeueing SLURM task %s", task.array)
+            return
+        state = task.state()
+        if state != "RUNNING":  # cancelled (scancel) or preempted: SLURM decides
+            log.info("SLURM task %s is %s: not requeueing it", task.array,
+                     (state or "unknown").lower())
+            return
+        refused = task.requeue()
+        if refused is None:
+            log.info("%d job(s) pending: SLURM task %s requeued (it claims again when SLURM "
+                     "restarts it)", pending, task.array)
+        else:
+            log.warning("scontrol requeue %s: %s", task.job_id, refused)
 
     @property
     def all_failed(self) -> bool:
@@ -394,6 +440,14 @@ class Worker:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def slurm_line(task: SlurmTask | None) -> str:
+    """', SLURM job 123 (array 120_3, restart 1), GPUs 1' for the worker's first log line."""
+    if task is None:
+        return ""
+    return (f", SLURM job {task.job_id} (array {task.array}, restart {task.restarts})"
+            + (f", GPUs {task.gpus}" if task.gpus else ""))
 
 
 def held_message(held: list[dict], waiting: bool) -> str:

@@ -51,8 +51,26 @@ def test_a_version_1_queue_is_migrated_in_place_keeping_its_rows(queue, db_url):
         assert tuple(row) == ("table_connectivity_standard_V5_N256_run1", 2, 2, None)
         assert conn.execute(text("SELECT count(*) FROM workers")).scalar() == 0
         version = conn.execute(text("SELECT value FROM meta WHERE key='schema_version'"))
-        assert version.scalar() == "2"
+        assert version.scalar() == "3"
     assert JobQueue(engine).claim("w", 60).attempt == 3  # claims go on counting
+    engine.dispose()
+
+
+def test_a_version_2_queue_gains_the_slurm_columns_keeping_its_workers(queue, db_url):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    queue.register_worker("h:0:1", "h", 1, None, "cpu", 60)
+    with queue.engine.begin() as conn:
+        for column in ("slurm_job_id", "slurm_array", "slurm_restarts", "gpus"):
+            conn.execute(text(f"ALTER TABLE workers DROP COLUMN {column}"))
+        conn.execute(text("DROP TABLE launches"))
+        conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="2"))
+    engine = connect(db_url)
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT name, device, slurm_job_id, gpus FROM workers")).one()
+        assert tuple(row) == ("h:0:1", "cpu", None, None)
+        assert conn.execute(text("SELECT count(*) FROM launches")).scalar() == 0
+        assert conn.execute(text("SELECT value FROM meta WHERE key='schema_version'")
+                            ).scalar() == "3"
     engine.dispose()
 
 
