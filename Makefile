@@ -22,7 +22,7 @@ CPU_SHARE   := $(shell n=$$(nproc 2>/dev/null || echo 1); c=$(CPU_WORKERS); \
                  [ $$c -gt 0 ] && echo $$(( n / c > 0 ? n / c : 1 )))
 
 .DEFAULT_GOAL := help
-.PHONY: help install plan worker workers status requeue cancel pause resume results plot \
+.PHONY: help install plan worker workers slurm status requeue cancel pause resume results plot \
         report serve test lint demo clean-demo
 
 help: ## list the targets
@@ -55,6 +55,11 @@ workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" ("0 0": t
 	    $(if $(DB_OUTAGE),--db-outage $(DB_OUTAGE)) > $$log 2>&1 & \
 	  echo "worker $$i on $$g$${threads:+ ($$threads threads)}: pid $$!, log $$log"; \
 	done
+
+slurm: $(STAMP) ## WORKERS=N workers as a SLURM job array (PARTITION=, TIME=, SLURM_ARGS="--cpu ...")
+	@[ -n "$(WORKERS)" ] || { echo 'say how many: make slurm WORKERS=4 PARTITION=gpu' >&2; exit 2; }
+	$(RUNNER) slurm submit --workers $(WORKERS) $(if $(PARTITION),--partition $(PARTITION)) \
+	  $(if $(TIME),--time $(TIME)) $(SLURM_ARGS)
 
 status: $(STAMP) ## the status table
 	$(RUNNER) status

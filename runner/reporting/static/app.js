@@ -121,6 +121,14 @@ function progressCell(job) {
   return el("td", {}, bar, `${job.step}/${job.total_steps}`);
 }
 
+// A worker's name, with its SLURM task (and GPUs) when it runs in one.
+function workerCell(name) {
+  const w = name && status.workers.find((x) => x.name === name);
+  if (!w || !w.slurm_array) return el("td", {}, name || "–");
+  return el("td", { title: `SLURM job ${w.slurm_job_id}, restart ${w.slurm_restarts}` },
+    `${name} (SLURM ${w.slurm_array}${w.gpus ? `, GPU ${w.gpus}` : ""})`);
+}
+
 function drawJobs() {
   if (!status) return;
   const tbody = $("jobs").tBodies[0];
@@ -144,7 +152,7 @@ function drawJobs() {
       el("td", { class: "num" }, num(job.loss)),
       el("td", { class: "num", title: evalNote }, pct(acc)),
       el("td", { class: "num", title: evalNote }, pct(bal)),
-      el("td", {}, job.worker || "–"),
+      workerCell(job.worker),
       el("td", { class: "num" }, String(job.attempts)),
       el("td", { class: stale ? "num stale" : "num" },
         age === null || age === undefined || job.state !== "running" ? "–"
