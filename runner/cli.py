@@ -185,7 +185,8 @@ def replan_command() -> str:
               help="guide: the study's order; cost: longest jobs first.")
 @click.option("--wait", is_flag=True, help="Keep polling when nothing is claimable.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch (default: all cores). Give each of several CPU "
+              help="CPU threads for torch (default: $SLURM_CPUS_PER_TASK in a SLURM task, "
+                   "else all cores). Give each of several CPU "
                    "workers on one machine its share, or they slow each other down badly.")
 @click.option("--progress-every", type=click.FloatRange(min=0), default=30, show_default=True,
               metavar="SECONDS",
