@@ -34,8 +34,8 @@ def tree(root: Path) -> dict[str, tuple[int, str]]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def listed(output: str, verb: str) -> dict[str, int]:
-    """The paths a gc report lists as removed (or to remove), with their sizes in bytes."""
+def listed(output: str, verb: str) -> dict[str, str]:
+    """The paths a gc report lists as removed (or to remove), with their sizes as shown."""
     return {m.group(1): m.group(2) for m in re.finditer(rf"^{verb} (\S+)  \(.*, ([^,]+)\)$",
                                                            output, re.M)}
 
