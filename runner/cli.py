@@ -618,7 +618,7 @@ def gc_command(ctx, dry_run, replaced):
     click.echo(describe(found, dry_run))
     if found.failed:
         path, why = found.failed[0]
-        raise click.ClickException(f"could not remove {len(found.failed)} path(s); first: "
+        raise click.ClickException(f"could not clean {len(found.failed)} path(s); first: "
                                    f"{path}: {why}")
 
 
