@@ -91,7 +91,7 @@ def collect_job(queue: JobQueue, job: dict, found: Collection, dry_run: bool = F
                 for item in garbage:
                     if dry_run or remove(item, found):
                         found.removed.append(item)
-        except OSError as e:  # the lock itself cannot be taken (e.g. a read-only folder)
+        except OSError as e:  # no lock (e.g. a read-only folder), or a state unreadable now
             found.failed.append((folder, e.strerror or str(e)))
 
 
@@ -126,12 +126,19 @@ def job_folder_garbage(folder: Path) -> tuple[Path | None, list[Garbage]]:
     """The state a resume loads (trainer.checkpoint's own check), and the garbage: every
     other state with its manifest, stray manifests, temp files.
 
-    Call it only while holding the folder's lock.
+    A state that cannot be read (an I/O or permission error, not bad contents) raises
+    OSError: the folder is then left as it is. Call it only while holding the folder's lock.
     """
     from trainer import checkpoint as ckpt  # torch loads only when there are folders
 
     invalid: dict[Path, str] = {}
-    found = ckpt.newest_valid_state(folder, lambda path, reason: invalid.update({path: reason}))
+
+    def skipped(path: Path, error: Exception) -> None:
+        if isinstance(error, OSError):  # unreadable now is not invalid: never delete on it
+            raise OSError(error.errno, f"cannot read {path}: {error.strerror or error}")
+        invalid[path] = (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+    found = ckpt.newest_valid_state(folder, skipped)
     kept = found[0] if found else None
     garbage = []
     for state in ckpt.list_states(folder):

@@ -179,3 +179,20 @@ def test_gc_refuses_a_database_it_cannot_read_in_one_line(tmp_path):
                                       (115_000_000, "109.7 MiB"), (3 * 2**40, "3.0 TiB")])
 def test_human_bytes(n, shown):
     assert human_bytes(n) == shown
+
+
+def test_gc_deletes_nothing_of_a_folder_with_a_state_it_cannot_read(tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
+    queue, job, folder = trained_job(db_url, tmp_path)
+    # The newest "state" cannot be read (here: a folder in its place), which says nothing of
+    # its contents: it and the states gc would otherwise remove beside it all stay.
+    unreadable = folder / ckpt.STATE_DIR / "state-0000030.pt"
+    unreadable.mkdir()
+    (unreadable.with_suffix(".json")).write_text('{"step": 30, "bytes": 1, "sha256": "0"}\n')
+    before = tree(folder)
+    proc = cli(db_url, "gc")
+    assert proc.returncode == 1
+    assert proc.stdout.startswith("freed 0 B (0 bytes)")
+    assert proc.stderr.strip() == (f"error: could not clean 1 path(s); first: {folder}: cannot "
+                                   f"read {unreadable}: Is a directory")
+    assert tree(folder) == before

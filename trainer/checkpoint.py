@@ -139,22 +139,23 @@ def _read_state(path: Path) -> dict:
 def load_latest_state(out_dir: Path, log: Callable[[str], None]) -> dict | None:
     """The newest valid training state, or None; invalid ones are logged and skipped."""
 
-    def skipped(path: Path, reason: str) -> None:
+    def skipped(path: Path, error: Exception) -> None:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         log(f"ignoring {path.parent.name}/{path.name}: {reason}; falling back")
 
     found = newest_valid_state(out_dir, skipped)
     return found[1] if found else None
 
 
-def newest_valid_state(out_dir: Path, skipped: Callable[[Path, str], None]
+def newest_valid_state(out_dir: Path, skipped: Callable[[Path, Exception], None]
                        ) -> tuple[Path, dict] | None:
-    """The file and contents of the state a resume loads, or None; `skipped(path, reason)`
+    """The file and contents of the state a resume loads, or None; `skipped(path, error)`
     hears of each newer one that is invalid."""
     for path in list_states(out_dir):
         try:
             return path, _read_state(path)
         except Exception as e:  # any unreadable state is skipped, never trusted
-            skipped(path, (str(e).strip().splitlines() or [type(e).__name__])[0])
+            skipped(path, e)
     return None
 
 
