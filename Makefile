@@ -89,6 +89,10 @@ report: $(STAMP) ## the sweep as one self-contained HTML file (runs/report.html;
 serve: $(STAMP) ## the live dashboard on http://127.0.0.1:8765/ (DB=URL for another queue)
 	$(RUNNER) serve
 
+.PHONY: gc
+gc: $(STAMP) ## free disk: keep each job's newest valid state (DRY_RUN=1 lists only; REPLACED=1 also replaced folders)
+	$(RUNNER) gc $(if $(DRY_RUN),--dry-run) $(if $(REPLACED),--replaced)
+
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 

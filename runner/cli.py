@@ -787,6 +787,29 @@ def slurm_cancel(ctx, job_ids, grace, stop_signal):
                        "jobs resume from their last checkpoints)" if done["killed"] else ""))
 
 
+@cli.command(name="gc")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.option("--replaced", is_flag=True,
+              help="Also remove the folders that plan --replace and requeue --fresh moved "
+                   "aside (<folder>.replaced-<time>).")
+@click.pass_context
+def gc_command(ctx, dry_run, replaced):
+    """Free disk space: per job, keep the newest valid state and every snapshot.
+
+    Removes older and invalid training states and the temp files of unfinished
+    writes (with --replaced, the replaced folders too) and says how much that
+    freed. A running job's folders are left alone.
+    """
+    from runner.disk import collect, describe
+
+    found = collect(open_queue(ctx, readonly=True), dry_run=dry_run, replaced=replaced)
+    click.echo(describe(found, dry_run))
+    if found.failed:
+        path, why = found.failed[0]
+        raise click.ClickException(f"could not clean {len(found.failed)} path(s); first: "
+                                   f"{path}: {why}")
+
+
 def main() -> None:
     """Entry point: click errors become one line on stderr with their exit status."""
     try:

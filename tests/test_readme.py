@@ -7,7 +7,10 @@ shadows a package or a standard module fails here before it fails a user.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
 import subprocess
 
 import pytest
@@ -55,3 +58,39 @@ def test_readme_make_targets_exist():
     targets = set(re.findall(r"^([a-z-]+):", makefile, re.M))
     missing = [t for t in MAKE_TARGETS if t not in targets]
     assert not missing, f"README names make targets the Makefile lacks: {missing}"
+
+
+TRAINER_EXAMPLES = re.findall(r"^    python -m trainer (.+)$", README, re.M)
+
+
+def test_readme_hand_run_trainer_examples_run_as_written(tmp_path):
+    """Both examples, in order, from one folder: the second reruns a queued job's config."""
+    assert len(TRAINER_EXAMPLES) == 2 and "<name>" in TRAINER_EXAMPLES[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    plan = subprocess.run(
+        [PYTHON, "-m", "runner", "--db", "queue.sqlite", "plan", "--profile", "smoke",
+         "--only", "V=5", "--only", "N=256", "--only", "model=gpt2", "--only", "run=1",
+         "--out-root", "runs"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    name = "table_connectivity_standard_V5_N256_run1"
+    worker = subprocess.run([PYTHON, "-m", "runner", "--db", "queue.sqlite", "worker", "--gpu",
+                             "cpu", "--threads", "1"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    for example in TRAINER_EXAMPLES:
+        args = shlex.split(example.replace("<name>", name))
+        proc = subprocess.run([PYTHON, "-m", "trainer", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"python -m trainer {example}: {proc.stderr[-2000:]}"
+        assert json.loads(proc.stdout)["outcome"] == "completed"
+
+
+def test_readme_code_layout_names_every_package_and_runner_module():
+    section = README.split("## Code layout", 1)[1].split("\n## ", 1)[0]
+    for package in ("runner", "runner/reporting", "runner/slurm", "db", "trainer", "models",
+                    "conf", "bench", "tests"):
+        assert f"`{package}/`" in section, package
+    for folder in ("runner", "runner/reporting", "runner/slurm"):
+        for module in sorted((ROOT / folder).glob("[!_]*.py")):
+            assert f"`{module.stem}`" in section, f"{folder}/{module.name}"

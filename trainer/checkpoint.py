@@ -79,14 +79,21 @@ def remove_temp_files(out_dir: Path) -> list[Path]:
 
     Call it only while holding the folder's lock: then no write into the folder is in flight.
     """
-    removed = []
+    removed = temp_files(out_dir)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def temp_files(out_dir: Path) -> list[Path]:
+    """The temp files of atomic writes in the folder (in flight, or left by a killed process)."""
+    found = []
     for folder in (Path(out_dir), Path(out_dir) / STATE_DIR, Path(out_dir) / SNAPSHOT_DIR):
         if folder.is_dir():
-            for path in folder.iterdir():
-                if path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file():
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
-    return removed
+            found += sorted(path for path in folder.iterdir()
+                            if path.name.startswith(".") and path.name.endswith(".tmp")
+                            and path.is_file())
+    return found
 
 
 def list_states(out_dir: Path) -> list[Path]:
@@ -96,6 +103,16 @@ def list_states(out_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STATE_RE.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def stray_manifests(out_dir: Path) -> list[Path]:
+    """Manifests whose state file is gone (pruning stopped between the two unlinks)."""
+    folder = Path(out_dir) / STATE_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix == ".json" and _STATE_RE.match(p.with_suffix(".pt").name)
+                  and not p.with_suffix(".pt").exists())
 
 
 def _read_state(path: Path) -> dict:
@@ -121,12 +138,24 @@ def _read_state(path: Path) -> dict:
 
 def load_latest_state(out_dir: Path, log: Callable[[str], None]) -> dict | None:
     """The newest valid training state, or None; invalid ones are logged and skipped."""
+
+    def skipped(path: Path, error: Exception) -> None:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        log(f"ignoring {path.parent.name}/{path.name}: {reason}; falling back")
+
+    found = newest_valid_state(out_dir, skipped)
+    return found[1] if found else None
+
+
+def newest_valid_state(out_dir: Path, skipped: Callable[[Path, Exception], None]
+                       ) -> tuple[Path, dict] | None:
+    """The file and contents of the state a resume loads, or None; `skipped(path, error)`
+    hears of each newer one that is invalid."""
     for path in list_states(out_dir):
         try:
-            return _read_state(path)
+            return path, _read_state(path)
         except Exception as e:  # any unreadable state is skipped, never trusted
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log(f"ignoring {path.parent.name}/{path.name}: {reason}; falling back")
+            skipped(path, e)
     return None
 
 
