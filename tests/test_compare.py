@@ -32,6 +32,7 @@ TINY = ["--set", "training.train_steps=4", "--set", "evaluation.eval_every=2",
 TINY_SET = "training.train_steps=4 evaluation.eval_every=2 training.save_every_steps=2"
 LOW, HIGH = "training.learning_rate=0.0001", "training.learning_rate=0.0003"
 DOOMED = ["lr3e4_standard_V5_N256_run1", "lr3e4_standard_V5_N256_run2"]
+pytestmark = pytest.mark.slow   # the fixture trains twelve jobs in two workers
 
 
 @pytest.fixture(scope="module")
