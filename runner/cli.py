@@ -391,24 +391,44 @@ def resume(ctx):
     click.echo("queue resumed" if was else "the queue was not paused")
 
 
+BY_OPTION = click.option(
+    "--by", multiple=True, metavar="KEY",
+    help="Split rows by this dotted config key (e.g. training.learning_rate; repeatable) "
+         "[default: every key that differs between jobs of one (V, model, N), seeds aside].")
+
+
+def aggregate_by(jobs: list[dict], by: tuple[str, ...]):
+    """runner.reporting.results.aggregate, a --by key no job has refused as bad input."""
+    from runner.reporting.groups import GroupingError
+    from runner.reporting.results import aggregate
+
+    try:
+        return aggregate(jobs, by=by)
+    except GroupingError as e:
+        raise BadInput(str(e)) from None
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON: what was run, rows and notes.")
-@click.option("--csv", "as_csv", is_flag=True, help="CSV: one line per row, fractions.")
+@click.option("--csv", "as_csv", is_flag=True,
+              help="CSV: one line per row, fractions, with its config group, profile and --set.")
+@BY_OPTION
 @click.pass_context
-def results(ctx, as_json, as_csv):
-    """Test accuracy per (V, model, N): mean ± std over runs, min–max, majority rate.
+def results(ctx, as_json, as_csv, by):
+    """Test accuracy per (config, V, model, N): mean ± std over runs, min–max, majority rate.
 
     Finished runs are the jobs succeeded in the database; each one's metrics
     are read from its folder's eval.json, which wins if the database disagrees
     (noted on stderr, and under "notes" in --json). The header says what was
-    run: profile, steps, model size and --set overrides.
+    run: profile, steps, model size and --set overrides. Jobs of one (V, model,
+    N) planned with different configs (say, two learning rates) get a row each.
     """
-    from runner.reporting.results import aggregate, to_csv, to_json, to_text
+    from runner.reporting.results import to_csv, to_json, to_text
 
     if as_json and as_csv:
         raise BadInput("--json and --csv: choose one output format")
     fmt = "json" if as_json else "csv" if as_csv else None
-    res = aggregate(open_queue(ctx, readonly=True).jobs())
+    res = aggregate_by(open_queue(ctx, readonly=True).jobs(), by)
     click.echo({"json": to_json, "csv": to_csv}.get(fmt, to_text)(res), nl=fmt != "csv")
     if fmt != "json":
         for note in res.notes:
@@ -420,23 +440,24 @@ def results(ctx, as_json, as_csv):
               type=click.Path(dir_okay=False), help="The sample-complexity figure (PNG).")
 @click.option("--curves-dir", default=None, type=click.Path(file_okay=False),
               help="Where the training-curve figures go [default: curves/ beside --out].")
+@BY_OPTION
 @click.pass_context
-def plot(ctx, out, curves_dir):
-    """Sample-complexity figure (accuracy vs N per V and model) and training curves."""
+def plot(ctx, out, curves_dir, by):
+    """Sample-complexity figure (accuracy vs N per V, a line per model and config) and
+    training curves."""
     from runner.reporting.plot import sample_complexity, training_curves
-    from runner.reporting.results import aggregate
 
     if not out.lower().endswith(".png"):
         raise BadInput(f"--out '{out}': the figure is written as PNG; name it *.png")
     jobs = open_queue(ctx, readonly=True).jobs()
-    res = aggregate(jobs)
+    res = aggregate_by(jobs, by)
     for note in res.notes:
         click.echo(f"note: {note}", err=True)
     try:
         path = sample_complexity(res, out)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    curves = training_curves(jobs, curves_dir or Path(out).parent / "curves")
+    curves = training_curves(jobs, curves_dir or Path(out).parent / "curves", res.by)
     click.echo(f"wrote the sample-complexity figure: {path}")
     if curves:
         click.echo(f"wrote {len(curves)} training-curve figure(s) to {curves[0].parent}/")
@@ -512,12 +533,15 @@ def follow_log(queue: JobQueue, job: dict, path: Path, poll: float = 0.5) -> Non
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. Anything but loopback exposes the page, which has "
-                   "no authentication, to the network.")
+              help="Address to listen on: 127.0.0.1 this machine only, 0.0.0.0 every "
+                   "interface. Anything but loopback needs a token (generated unless given).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
               help="Port (0: any free port; the URL is printed).")
+@click.option("--token", envvar="RUNNER_SERVE_TOKEN", default=None, metavar="TOKEN",
+              help="Require this token of every request (else $RUNNER_SERVE_TOKEN; beyond "
+                   "loopback a new one is generated and printed in the URL).")
 @click.pass_context
-def serve(ctx, host, port):
+def serve(ctx, host, port, token):
     """Read-only live dashboard of the queue in a browser, with a JSON API.
 
     \b
@@ -525,35 +549,53 @@ def serve(ctx, host, port):
     figure, and per job its curves, config, events and log. The API:
     /api/status (= status --json), /api/results (= results --json),
     /api/jobs/NAME, /api/latest. Ctrl-C stops it.
+    With a token, open the printed URL (…/?token=…): the page keeps it in a
+    cookie; scripts send `Authorization: Bearer TOKEN`. Requests without it get 403.
     """
-    from runner.reporting.serve import Dashboard, bind, is_loopback, open_readonly
+    from runner.reporting.serve import (
+        BindError,
+        Dashboard,
+        bind,
+        check_token,
+        is_loopback,
+        new_token,
+        open_readonly,
+        urls,
+    )
     from runner.reporting.serve import serve as run_server
 
+    if token is not None and (why := check_token(token)):
+        raise BadInput(f"--token / $RUNNER_SERVE_TOKEN: {why}")
+    generated = token is None and not is_loopback(host)
+    if generated:
+        token = new_token()
     try:
         dashboard = Dashboard(open_readonly(ctx.obj["db"]), ctx.obj["db"])
     except DatabaseError as e:
         raise BadInput(str(e)) from None
     try:
         sock = bind(host, port)
-    except OSError as e:
-        raise BadInput(f"cannot listen on {host}:{port}: {e.strerror or e}"
-                       + (" (choose another --port)" if port else "")) from None
+    except BindError as e:
+        raise BadInput(str(e)) from None
+    local, remote = urls(host, sock.getsockname()[1], token)
+    click.echo(f"dashboard of {mask_url(ctx.obj['db'])}: {local}  (Ctrl-C to stop)")
+    if remote:
+        click.echo(f"listening on all interfaces ({host}); from another machine: {remote}")
     if not is_loopback(host):
-        click.echo(f"warning: listening on {host}: the dashboard has no authentication; anyone "
-                   "who can reach this port can read the queue's jobs, configs and logs",
-                   err=True)
-    shown = f"[{host}]" if ":" in host else host
-    click.echo(f"dashboard of {mask_url(ctx.obj['db'])}: http://{shown}:{sock.getsockname()[1]}/"
-               "  (Ctrl-C to stop)", err=False)
+        click.echo("note: listening beyond loopback: every request needs the token "
+                   + ("(a new one, generated now; choose one with --token or "
+                      "$RUNNER_SERVE_TOKEN)" if generated else "(as given)")
+                   + ", and travels unencrypted over plain http", err=True)
     sys.stdout.flush()
-    run_server(dashboard, sock, host)
+    run_server(dashboard, sock, host, token)
 
 
 @cli.command()
 @click.option("--out", default="runs/report.html", show_default=True,
               type=click.Path(dir_okay=False), help="The report (one HTML file).")
+@BY_OPTION
 @click.pass_context
-def report(ctx, out):
+def report(ctx, out, by):
     """The sweep as one self-contained HTML file (figures embedded, no network needed).
 
     What was run, progress, the results table, the sample-complexity figure,
@@ -563,7 +605,12 @@ def report(ctx, out):
 
     if not out.lower().endswith((".html", ".htm")):
         raise BadInput(f"--out '{out}': the report is HTML; name it *.html")
-    path = write(open_queue(ctx), mask_url(ctx.obj["db"]), out)
+    from runner.reporting.groups import GroupingError
+
+    try:
+        path = write(open_queue(ctx), mask_url(ctx.obj["db"]), out, by)
+    except GroupingError as e:
+        raise BadInput(str(e)) from None
     click.echo(f"wrote the report: {path} (open it in a browser)")
 
 

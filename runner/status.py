@@ -77,6 +77,7 @@ def status_json(snap: dict) -> str:
         out.append(row)
     progress = {k: p[k] for k in ("steps_done", "steps_total", "jobs_left", "live_workers",
                                   "work_seconds_left", "eta_seconds")}
+    progress["summary"] = eta_line(p, snap["counts"])  # status's own line, for the dashboard
     workers = [{k: w[k] for k in WORKER_FIELDS} for w in snap["workers"]
                if w["state"] != "exited"]
     return json.dumps({"counts": snap["counts"], "paused": snap["paused"] is not None,

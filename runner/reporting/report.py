@@ -17,13 +17,21 @@ import time
 from pathlib import Path
 
 from runner.progress import eta_line
-from runner.reporting.results import TEXT_HEADERS, aggregate, run_lines, text_cells
+from runner.reporting.results import (
+    TEXT_HEADERS,
+    aggregate,
+    group_heading,
+    run_lines,
+    set_line,
+    text_cells,
+)
 from runner.reporting.views import (
     Redactor,
     newest_eval,
     sample_complexity_png,
     training_curves_png,
     what_was_run,
+    worker_claims,
 )
 from runner.status import snapshot
 
@@ -33,8 +41,11 @@ body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans
 h1 { font-size: 22px; margin-bottom: 2px; } h2 { font-size: 17px; margin-top: 28px;
      border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
 .muted { color: #57606a; } code, pre { font: 12px ui-monospace, "DejaVu Sans Mono", monospace; }
-table { border-collapse: collapse; margin: 6px 0; }
-th, td { border-bottom: 1px solid #d0d7de; padding: 3px 9px; text-align: left; }
+table { border-collapse: collapse; margin: 6px 0; max-width: 100%; }
+th, td { border-bottom: 1px solid #d0d7de; padding: 3px 9px; text-align: left;
+         vertical-align: top; }
+/* long job names and folders wrap (at any character) rather than run off the page */
+td.path { overflow-wrap: anywhere; word-break: break-word; }
 th { background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; }
 dt { color: #57606a; } dd { margin: 0; }
@@ -60,21 +71,24 @@ def _png(data: bytes, alt: str) -> str:
             f'{base64.b64encode(data).decode("ascii")}">')
 
 
-def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset(),
+           paths: set[int] = frozenset()) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(
-        f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
+        f'<td class="num">{c}</td>' if i in numeric else
+        f'<td class="path">{c}</td>' if i in paths else f"<td>{c}</td>"
         for i, c in enumerate(row)) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def build(queue, queue_label: str) -> str:
-    """The report's HTML for the queue as it is now."""
+def build(queue, queue_label: str, by: tuple[str, ...] = ()) -> str:
+    """The report's HTML for the queue as it is now; rows split by config (see
+    runner.reporting.results.aggregate, `by`)."""
     snap = snapshot(queue)
     counts, jobs, progress = snap["counts"], snap["jobs"], snap["progress"]
     red = Redactor(jobs)
-    results = aggregate(jobs)
-    run = what_was_run(jobs)
+    results = aggregate(jobs, by=by)
+    run = what_was_run(jobs, worker_claims(queue))
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>Sweep report</title><style>{STYLE}</style></head><body>",
              "<h1>Table-connectivity sweep: report</h1>",
@@ -84,7 +98,11 @@ def build(queue, queue_label: str) -> str:
 
     # What was run.
     profiles = ", ".join(run["profiles"]) or "–"
-    overrides = " | ".join(o for o in run["overrides"] if o)
+    overrides = set_line(run).removeprefix("--set: ").removeprefix("--set ")
+    if overrides == "none":
+        overrides = "none (the profile as it is)"
+    workers = ", ".join(f"{name} ({n} attempt{'s' if n != 1 else ''})"
+                        for name, n in sorted(run["workers"].items()))
     verdict = run_lines(run)[1] if jobs else ""
     grid = run["grid"]
     versions = ", ".join(f"{k} {v}" for k, v in run["versions"].items())
@@ -92,10 +110,10 @@ def build(queue, queue_label: str) -> str:
               f"<dt>jobs</dt><dd>{run['jobs']}: V ∈ {_e(grid['V'])}, N ∈ {_e(grid['N'])}, "
               f"models {_e(', '.join(grid['model']))}, runs {_e(grid['run'])}</dd>",
               f"<dt>profile</dt><dd>{_e(profiles)}</dd>",
-              f"<dt>overrides</dt><dd>{_e(overrides or 'none (the profile as it is)')}</dd>",
+              f"<dt>overrides</dt><dd>{_e(overrides)}</dd>",
               f"<dt>the study?</dt><dd>{_e(verdict)}</dd>",
               f"<dt>training steps</dt><dd>{_e(', '.join(map(str, run['train_steps'])))}</dd>",
-              f"<dt>workers</dt><dd>{_e(', '.join(run['workers']) or '–')}</dd>",
+              f"<dt>workers</dt><dd>{len(run['workers'])}: {_e(workers or '–')}</dd>",
               f"<dt>versions</dt><dd>{_e(versions)} <span class='muted'>(of the environment "
               "that made this report)</span></dd></dl>"]
 
@@ -112,8 +130,16 @@ def build(queue, queue_label: str) -> str:
                      "runs (min–max). Balanced accuracy is the mean of the per-class recalls "
                      "(any constant answer scores 50 %); read accuracy beside the majority-class "
                      "rate.</p>")
-        parts.append(_table(TEXT_HEADERS, [[_e(c) for c in text_cells(r)] for r in results.rows],
-                            {0, 2, 3, 6}))
+        split = len(results.groups) > 1
+        if split:
+            parts.append("<p>Rows are split by config (" + _e(", ".join(results.by)) + "): runs "
+                         "of different configs are never averaged together.</p><ul>"
+                         + "".join(f"<li>{_e(group_heading(g))}</li>" for g in results.groups)
+                         + "</ul>")
+        parts.append(_table((["config"] if split else []) + TEXT_HEADERS,
+                            [([_e(r["group"])] if split else [])
+                             + [_e(c) for c in text_cells(r)] for r in results.rows],
+                            {i + split for i in (0, 2, 3, 6)}))
     for note in results.notes:
         parts.append(f"<p class='muted'>note: {_e(red.text(note))}</p>")
     figure = sample_complexity_png(results)
@@ -121,7 +147,7 @@ def build(queue, queue_label: str) -> str:
                  "<p>No job has finished yet: no sample-complexity figure.</p>")
 
     # Training curves.
-    curves = training_curves_png(jobs)
+    curves = training_curves_png(jobs, results.by)
     parts.append("<h2>Training curves</h2>")
     if not curves:
         parts.append("<p>No evaluation recorded yet.</p>")
@@ -153,17 +179,19 @@ def build(queue, queue_label: str) -> str:
                      _e(red.folder(job["out_dir"]))])
     parts += [f"<h2>Jobs ({len(jobs)})</h2>",
               _table(["job", "state", "step", "loss", "test acc %", "balanced acc %", "worker",
-                      "attempts", "folder (in the runs folder)"], rows, {2, 3, 4, 5, 7}),
+                      "attempts", "folder (in the runs folder)"], rows, {2, 3, 4, 5, 7},
+                     paths={0, 8}),
               "<p class='muted'>Test scores of unfinished jobs are their newest evaluation."
               "</p>",
               "</body></html>"]
     return "\n".join(parts)
 
 
-def write(queue, queue_label: str, out: str | Path) -> Path:
+def write(queue, queue_label: str, out: str | Path, by: tuple[str, ...] = ()) -> Path:
+    page = build(queue, queue_label, by)  # first: a refused --by leaves nothing behind
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(build(queue, queue_label), encoding="utf-8")
+    tmp.write_text(page, encoding="utf-8")
     tmp.replace(out)
     return out

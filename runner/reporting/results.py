@@ -1,10 +1,11 @@
-"""The sweep's results: one row per (V, model, N), mean ± spread over the runs.
+"""The sweep's results: one row per (config group, V, model, N), mean ± spread over the runs.
 
 Pure functions over the queue's job dicts (`JobQueue.jobs()`) and the job
 folders' files; no click, no torch. The database holds each finished job's
 metrics; the folder's `eval.json` (written by the trainer before the worker
 reports) is the source of truth when the two disagree, and every such case is
-reported in `Results.notes`.
+reported in `Results.notes`. Jobs of one (V, model, N) planned with different
+configs (runner.reporting.groups) are never averaged together.
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ import io
 import json
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
+from runner.reporting.groups import differing_keys, flatten, group_of, label, order_key, split_keys
 from trainer.files import EVAL_FILE, read_eval
 
 METRICS = ("accuracy", "balanced_accuracy", "majority_rate")
@@ -28,7 +32,10 @@ MODEL_LABELS = {"gpt2": "gpt2 (standard)", "lowrank_gpt2": "lowrank_gpt2 (low-ra
 class Results:
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    run: dict = field(default_factory=dict)   # what was run: see what_was_run()
+    run: dict = field(default_factory=dict)      # what was run (cancelled jobs aside)
+    plotted: dict = field(default_factory=dict)  # what the finished runs counted here ran
+    by: list[str] = field(default_factory=list)  # the config keys that split groups
+    groups: list[dict] = field(default_factory=list)  # label, config, run: one per group
 
 
 # --- what was run ------------------------------------------------------------------
@@ -43,9 +50,6 @@ def what_was_run(jobs: list[dict]) -> dict:
     "differences" compares every job's config with the study as run (the full
     profile, no overrides), key by key: empty means the results are the study's.
     """
-    from runner.planner import study_config
-    from trainer.config import ConfigError
-
     jobs = [j for j in jobs if isinstance(j.get("config"), dict)]
 
     def values(get) -> list:
@@ -53,16 +57,15 @@ def what_was_run(jobs: list[dict]) -> dict:
 
     differences: dict[str, set] = {}
     for job in jobs:
-        try:
-            study = flatten(study_config(job))
-        except ConfigError:  # coordinates outside the study (a hand-edited sweep)
-            study = {}
+        study = _study_flat(job["model"], job["v"], job["n"], job["run"])
         for key, value in flatten(job["config"]).items():
             if key != "seeds.run" and study.get(key, _NONE) != value:
                 differences.setdefault(key, set()).add(json.dumps(value))
+    override_jobs = Counter(overrides_of(j) for j in jobs)
     out = {"jobs": len(jobs),
            "profiles": values(lambda j: j.get("profile") or "unknown"),
-           "overrides": values(lambda j: " ".join(json.loads(j.get("overrides") or "[]"))),
+           "overrides": sorted(override_jobs, key=str),
+           "override_jobs": dict(sorted(override_jobs.items())),
            "differences": {k: sorted(v) for k, v in sorted(differences.items())}}
     for section, key in SIZE_KEYS:
         out[key] = values(lambda j, s=section, k=key: j["config"].get(s, {}).get(k))
@@ -73,15 +76,21 @@ def what_was_run(jobs: list[dict]) -> dict:
 _NONE = object()
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    """{'training.train_steps': 30, ...}: a nested config as dotted keys."""
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def overrides_of(job: dict) -> str:
+    """The job's --set overrides as one string ('' for none)."""
+    return " ".join(json.loads(job.get("overrides") or "[]"))
+
+
+@lru_cache(maxsize=1024)
+def _study_flat(model: str, v: int, n: int, run: int) -> dict:
+    """The study's config at these coordinates, flattened (cached: the dashboard asks often)."""
+    from runner.planner import study_config
+    from trainer.config import ConfigError
+
+    try:
+        return flatten(study_config({"model": model, "v": v, "n": n, "run": run}))
+    except ConfigError:  # coordinates outside the study (a hand-edited sweep)
+        return {}
 
 
 def run_lines(run: dict) -> list[str]:
@@ -92,15 +101,24 @@ def run_lines(run: dict) -> list[str]:
     def one(values: list) -> str:
         return "/".join(map(str, values))
 
-    overrides = [o for o in run["overrides"] if o]
     first = (f"Run: profile {one(run['profiles'])}; {one(run['train_steps'])} steps, batch "
              f"{one(run['batch_size'])}, {one(run['n_layer'])} layers of width "
-             f"{one(run['n_embd'])}; --set: {'; '.join(overrides) if overrides else 'none'}")
+             f"{one(run['n_embd'])}; {set_line(run)}")
     if run["study_as_run"]:
         return [first, "This is the study as run (full profile, no overrides)."]
     keys = list(run["differences"])
     return [first, "NOT the study as run: differs in " + ", ".join(keys[:6])
             + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")]
+
+
+def set_line(run: dict) -> str:
+    """'--set: a=1 b=2', '--set: none', or, when jobs differ, which --set how many used."""
+    counts = run.get("override_jobs") or {o: None for o in run["overrides"]}
+    if len(counts) <= 1:
+        only = next(iter(counts), "")
+        return f"--set: {only or 'none'}"
+    return "--set differs: " + "; ".join(
+        f"{o or 'none'}" + (f" ({n} jobs)" if n is not None else "") for o, n in counts.items())
 
 
 # --- aggregation -----------------------------------------------------------------
@@ -137,37 +155,61 @@ def run_metrics(job: dict, notes: list[str], missing: list[str], read=read_eval)
     return {k: from_file[k] if from_file[k] is not None else db[k] for k in METRICS}
 
 
-def aggregate(jobs: list[dict], read=read_eval) -> Results:
-    """One row per (V, model, N), in the order V, model (the sweep's), N.
+def aggregate(jobs: list[dict], read=read_eval, by: list[str] | tuple[str, ...] = ()) -> Results:
+    """One row per (config group, V, model, N), in the order group, V, model (the sweep's), N.
 
-    Finished = succeeded in the database; planned = every job of the group but the
-    cancelled ones, which are left out (and named in the notes).
+    Groups split the jobs of one (V, model, N) by the config keys `by`, else by every
+    key that differs between them (runner.reporting.groups; GroupingError for an
+    unknown `by` key). Finished = succeeded in the database; planned = every job of
+    the row but the cancelled ones, which are left out (and named in the notes).
     """
-    groups: dict[tuple, list[dict]] = {}
-    model_order: dict[str, int] = {}
+    kept = [j for j in jobs if j["state"] != "cancelled"]
     cancelled = [j["name"] for j in jobs if j["state"] == "cancelled"]
-    for job in jobs:
-        if job["state"] == "cancelled":
-            continue
+    keys = split_keys(kept, by)
+    rows: dict[tuple, list[dict]] = {}
+    group_config: dict[str, dict] = {}
+    model_order: dict[str, int] = {}
+    for job in kept:
         model_order.setdefault(job["model"], len(model_order))
-        groups.setdefault((job["v"], job["model"], job["n"]), []).append(job)
-    results, missing, stray = Results(run=what_was_run(jobs)), [], []
-    for key in sorted(groups, key=lambda k: (k[0], model_order[k[1]], k[2])):
-        v, model, n = key
-        members = sorted(groups[key], key=lambda j: j["run"])
+        config = group_of(job, keys)
+        name = label(config)
+        group_config.setdefault(name, config)
+        rows.setdefault((name, job["v"], job["model"], job["n"]), []).append(job)
+    order = {g: i for i, g in enumerate(sorted(group_config,
+                                                key=lambda g: order_key(group_config[g])))}
+    results, missing, stray = Results(run=what_was_run(kept), by=keys), [], []
+    counted = []
+    for key in sorted(rows, key=lambda k: (order[k[0]], k[1], model_order[k[2]], k[3])):
+        group, v, model, n = key
+        members = sorted(rows[key], key=lambda j: j["run"])
         runs = []
         for job in members:
             if job["state"] == "succeeded":
+                counted.append(job)
                 runs.append({"run": job["run"], "name": job["name"],
                              **run_metrics(job, results.notes, missing, read)})
             elif read(job["out_dir"]) is not None:
                 stray.append(f"{job['name']} ({job['state']})")
-        row = {"V": v, "model": model, "N": n, "runs_planned": len(members),
-               "runs_finished": len(runs),
+        row = {"group": group, "config": group_config[group], "V": v, "model": model, "N": n,
+               "profiles": sorted({j.get("profile") or "unknown" for j in members}),
+               "overrides": sorted({overrides_of(j) for j in members}),
+               "runs_planned": len(members), "runs_finished": len(runs),
                "runs_failed": sum(j["state"] == "failed" for j in members), "runs": runs}
         for k in METRICS:
             row[k] = stats([r[k] for r in runs if r[k] is not None])
         results.rows.append(row)
+    results.plotted = what_was_run(counted)
+    for group in sorted(group_config, key=order.get):
+        members = [j for j in kept if label(group_of(j, keys)) == group]
+        results.groups.append({"label": group, "config": group_config[group],
+                               "run": what_was_run(members)})
+    if by:
+        mixed = differing_keys(kept, lambda j: (label(group_of(j, keys)), j["v"], j["model"],
+                                                j["n"]))
+        if mixed:
+            results.notes.append("rows grouped by --by " + ", ".join(keys) + " still mix jobs "
+                                 "whose configs differ in " + _some(mixed) + " (add --by for "
+                                 "them, or leave --by out to split by every difference)")
     if cancelled:
         results.notes.append(f"{len(cancelled)} cancelled job(s) left out: " + _some(cancelled))
     if missing:
@@ -194,20 +236,25 @@ def _num(x) -> str:
 
 
 def to_json(results: Results) -> str:
-    return json.dumps({"run": results.run, "rows": results.rows, "notes": results.notes},
-                      indent=2)
+    return json.dumps({"run": results.run, "by": results.by, "groups": results.groups,
+                       "rows": results.rows, "notes": results.notes}, indent=2)
 
 
-CSV_FIELDS = ["V", "model", "N", "runs_finished", "runs_planned", "runs_failed"] + [
-    f"{k}_{s}" for k in METRICS for s in ("mean", "std", "min", "max")]
+ROW_FIELDS = ["group", "V", "model", "N", "profile", "overrides", "runs_finished",
+              "runs_planned", "runs_failed"]
+CSV_FIELDS = ROW_FIELDS + [f"{k}_{s}" for k in METRICS for s in ("mean", "std", "min", "max")]
 
 
 def to_csv(results: Results) -> str:
+    """One line per row; `group` the config keys that split it, `profile` and `overrides`
+    (--set, space-separated) what its jobs were planned with ('|' between several)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in results.rows:
-        flat = {k: row[k] for k in CSV_FIELDS[:6]}
+        flat = {k: row[k] for k in ROW_FIELDS if k in row}
+        flat["profile"] = " | ".join(row["profiles"])
+        flat["overrides"] = " | ".join(row["overrides"])
         for k in METRICS:
             for s in ("mean", "std", "min", "max"):
                 flat[f"{k}_{s}"] = "" if row[k][s] is None else repr(row[k][s])
@@ -237,8 +284,15 @@ def text_cells(row: dict) -> list[str]:
             pct(row["majority_rate"]["mean"])]
 
 
+def group_heading(group: dict) -> str:
+    """'config training.learning_rate=0.0003: profile smoke, --set: ... (6 jobs)'."""
+    run = group["run"]
+    return (f"config {group['label']}: profile {'/'.join(run['profiles'])}, {set_line(run)} "
+            f"({run['jobs']} jobs)")
+
+
 def to_text(results: Results) -> str:
-    """The table a reader sees: grouped by V, then model, N ascending."""
+    """The table a reader sees: by config group (when jobs differ), V, then model, N ascending."""
     if not results.rows:
         return "no jobs in the queue: nothing to report (plan the sweep first)"
     rows = [text_cells(r) for r in results.rows]
@@ -249,17 +303,24 @@ def to_text(results: Results) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w)
                          for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
+    split = len(results.groups) > 1
     out = [*run_lines(results.run), "",
            "Test-set scores in %: mean ± sample std over the finished runs (min–max).",
            "runs: finished/planned.  majority: the accuracy of always answering the more "
            "common class.",
            "balanced accuracy: the mean of the per-class recalls; any constant answer "
-           "scores 50 %.",
-           "", line(TEXT_HEADERS), line(["-" * w for w in widths])]
+           "scores 50 %."]
+    if split:
+        out.append("Rows are split by config (the keys " + ", ".join(results.by)
+                   + "): runs of different configs are never averaged together.")
+    out += ["", line(TEXT_HEADERS), line(["-" * w for w in widths])]
+    headings = {g["label"]: group_heading(g) for g in results.groups}
     previous = None
     for row, cells in zip(results.rows, rows, strict=True):
-        if previous is not None and (row["V"], row["model"]) != previous:
+        if split and (previous is None or row["group"] != previous[0]):
+            out += ([""] if previous is not None else []) + [headings[row["group"]]]
+        elif previous is not None and (row["V"], row["model"]) != previous[1:]:
             out.append("")
-        previous = (row["V"], row["model"])
+        previous = (row["group"], row["V"], row["model"])
         out.append(line(cells))
     return "\n".join(out)

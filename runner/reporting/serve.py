@@ -11,6 +11,10 @@ API every few seconds and redraws in place:
     GET /api/info                      the queue (password masked), refresh interval
     GET /figures/sample_complexity.png runner.reporting.plot.sample_complexity of the results so far
 
+Beyond loopback every request needs a token (`TokenGate`): in the URL
+(`?token=...`, as printed), then in the cookie that sets, or as
+`Authorization: Bearer ...`. On loopback a token is needed only when given.
+
 Read-only: the queue is opened once (see `open_readonly`) and only read.
 When the database is locked or unreachable, the API answers 503 with the
 reason (password masked), the page shows it in a banner and keeps polling.
@@ -20,11 +24,15 @@ Nothing served holds a password or a path outside the runs folder
 
 from __future__ import annotations
 
+import errno
+import hmac
 import ipaddress
 import json
 import logging
+import secrets
 import socket
 from pathlib import Path
+from urllib.parse import quote
 
 from db import DatabaseError, JobQueue, connect, mask_url
 
@@ -32,6 +40,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 REFRESH_SECONDS = 3.0
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+ALL_INTERFACES = ("0.0.0.0", "::", "")
+MIN_TOKEN_CHARS = 8
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
                                "style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
@@ -129,7 +139,76 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_app(dashboard: Dashboard, host: str = "127.0.0.1"):
+class BindError(Exception):
+    """The address cannot be listened on; the message says why in the user's terms."""
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def check_token(token: str) -> str | None:
+    """Why a chosen token cannot be used, or None."""
+    if len(token) < MIN_TOKEN_CHARS or token != token.strip():
+        return (f"a token needs at least {MIN_TOKEN_CHARS} characters and no surrounding "
+                "spaces (leave --token out for a generated one)")
+    return None
+
+
+def cookie_name(port: int) -> str:
+    """One cookie per port: dashboards of two queues on one host keep their own tokens."""
+    return f"runner_token_{port}"
+
+
+class TokenGate:
+    """ASGI middleware: a request without the token is answered 403.
+
+    The token comes in the URL's `?token=` (then a cookie is set, so the page's
+    own requests carry it), the cookie, or an `Authorization: Bearer` header;
+    compared in constant time.
+    """
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    def _matches(self, given: str | None) -> bool:
+        return bool(given) and hmac.compare_digest(given.encode(), self.token)
+
+    async def __call__(self, scope, receive, send):
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        port = (scope.get("server") or ("", 0))[1]
+        in_url = request.query_params.get("token")
+        bearer = request.headers.get("authorization", "")
+        given = [in_url, request.cookies.get(cookie_name(port)),
+                 bearer[7:] if bearer.lower().startswith("bearer ") else None]
+        if not any(self._matches(g) for g in given):
+            response = JSONResponse(
+                {"error": "this dashboard needs its token: open the URL `serve` printed "
+                          "(…/?token=…)"}, status_code=403,
+                headers={"Cache-Control": "no-store", **SECURITY_HEADERS})
+            await response(scope, receive, send)
+            return
+        if not self._matches(in_url):
+            await self.app(scope, receive, send)
+            return
+        cookie = (f"{cookie_name(port)}={in_url}; Path=/; HttpOnly; SameSite=Strict").encode()
+
+        async def send_with_cookie(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"set-cookie", cookie)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
+
+
+def make_app(dashboard: Dashboard, host: str = "127.0.0.1", token: str | None = None):
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
     from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -203,33 +282,68 @@ def make_app(dashboard: Dashboard, host: str = "127.0.0.1"):
     # Loopback only: refuse other Host headers, so a web page elsewhere cannot read the
     # dashboard through DNS rebinding.
     hosts = ["127.0.0.1", "localhost", "::1", "[::1]"] if is_loopback(host) else ["*"]
-    return Starlette(routes=routes,
-                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
+    middleware = [Middleware(TrustedHostMiddleware, allowed_hosts=hosts)]
+    if token:
+        middleware.append(Middleware(TokenGate, token=token))
+    return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={DatabaseError: database_error,
                                          Exception: server_error})
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """The listening socket (port 0: any free port); OSError when it cannot be had."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    family = infos[0][0] if infos else family
+    """The listening socket (port 0: any free port); BindError says why it cannot be had."""
+    where = f"cannot listen on {host}:{port}"
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise BindError(f"{where}: the host name '{host}' cannot be resolved ({e.strerror}); "
+                        "give an address of this machine: 127.0.0.1 (this machine only) or "
+                        "0.0.0.0 (every interface)") from None
+    family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(infos[0][4] if infos else (host, port))
-    except OSError:
+        sock.bind(address)
+    except OSError as e:
         sock.close()
-        raise
+        raise BindError(f"{where}: {_bind_reason(e, host, port)}") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
 
 
-def serve(dashboard: Dashboard, sock: socket.socket, host: str) -> None:
+def _bind_reason(e: OSError, host: str, port: int) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return f"port {port} is in use (choose another --port, or 0 for any free one)"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return (f"{host} is not an address of this machine (give one of its addresses, "
+                "127.0.0.1, or 0.0.0.0 for every interface)")
+    if e.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges: choose another --port)"
+    return e.strerror or str(e)
+
+
+def urls(host: str, port: int, token: str | None) -> tuple[str, str | None]:
+    """(the URL to open on this machine, the URL for other machines or None).
+
+    A wildcard address (0.0.0.0, ::) is no place to browse to: this machine opens
+    it through loopback, others through its host name.
+    """
+    query = f"?token={quote(token, safe='')}" if token else ""
+    if host in ALL_INTERFACES:
+        local = "[::1]" if host == "::" else "127.0.0.1"
+        return (f"http://{local}:{port}/{query}",
+                f"http://{socket.gethostname()}:{port}/{query}")
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/{query}", None
+
+
+def serve(dashboard: Dashboard, sock: socket.socket, host: str, token: str | None) -> None:
     """Serve until Ctrl-C / SIGTERM (uvicorn handles both)."""
     import uvicorn
 
-    config = uvicorn.Config(make_app(dashboard, host), log_level="warning", access_log=False,
+    config = uvicorn.Config(make_app(dashboard, host, token), log_level="warning",
+                            access_log=False,
                             timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])

@@ -200,12 +200,12 @@ def sample_complexity_png(results: Results) -> bytes | None:
         return sample_complexity(results, Path(tmp) / "sample_complexity.png").read_bytes()
 
 
-def training_curves_png(jobs: list[dict]) -> list[tuple[str, bytes]]:
+def training_curves_png(jobs: list[dict], by: list[str] = ()) -> list[tuple[str, bytes]]:
     """runner.reporting.plot.training_curves as (file name, PNG bytes), one per (V, N)."""
     from runner.reporting.plot import training_curves
 
     with _figure_lock, tempfile.TemporaryDirectory(prefix="runner-fig-") as tmp:
-        return [(p.name, p.read_bytes()) for p in training_curves(jobs, tmp)]
+        return [(p.name, p.read_bytes()) for p in training_curves(jobs, tmp, by)]
 
 
 def fingerprint(doc) -> str:
@@ -215,18 +215,31 @@ def fingerprint(doc) -> str:
 # --- what was run ----------------------------------------------------------------------
 
 
-def what_was_run(jobs: list[dict]) -> dict:
-    """runner.reporting.results.what_was_run, plus the grid, the workers and the versions."""
+def what_was_run(jobs: list[dict], claims: dict[str, int] | None = None) -> dict:
+    """runner.reporting.results.what_was_run, plus the grid, the workers (`claims`: see
+    worker_claims) and the versions."""
     run = results_what_was_run(jobs)
-    workers = sorted({":".join(j["worker"].split(":")[:2]) for j in jobs if j["worker"]})
     return {
         **run,
         "grid": {"V": sorted({j["v"] for j in jobs}), "N": sorted({j["n"] for j in jobs}),
                  "model": list(dict.fromkeys(j["model"] for j in jobs)),
                  "run": sorted({j["run"] for j in jobs})},
-        "workers": workers,
+        "workers": claims or {},
         "versions": versions(),
     }
+
+
+def worker_claims(queue) -> dict[str, int]:
+    """Every worker that ever took a job (from the claim events), and how many attempts.
+
+    The jobs table keeps only each job's last worker, so two workers that shared a
+    sweep may leave one name there; the events keep them all.
+    """
+    counts: dict[str, int] = {}
+    for event in queue.events():
+        if event["kind"] == "claim" and event["worker"]:
+            counts[event["worker"]] = counts.get(event["worker"], 0) + 1
+    return counts
 
 
 def versions() -> dict:

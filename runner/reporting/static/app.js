@@ -69,12 +69,9 @@ function drawProgress(doc) {
   $("sweepbar-fill").style.width = `${(100 * frac).toFixed(2)}%`;
   $("sweepbar-text").textContent =
     `${p.steps_done} / ${p.steps_total} steps (${(100 * frac).toFixed(1)}%)`;
-  let eta;
-  if (!p.jobs_left) eta = "sweep finished";
-  else if (p.work_seconds_left === null) eta = "ETA unknown: no step rate measured yet";
-  else if (!p.live_workers) eta = `ETA unknown: no live worker (${duration(p.work_seconds_left)} of work left for one worker)`;
-  else eta = `ETA ${duration(p.eta_seconds)} with ${p.live_workers} live worker(s) (${duration(p.work_seconds_left)} of work left for one worker)`;
-  $("eta").textContent = `${p.jobs_left} job(s) left · ${eta}`;
+  // status's own words (runner.progress.eta_line): "nothing left to run but N job(s)
+  // failed", never "finished", while failures wait.
+  $("eta").textContent = p.summary;
 }
 
 // --- the jobs table ---------------------------------------------------------------------
@@ -124,8 +121,8 @@ function progressCell(job) {
 // A worker's name, with its SLURM task (and GPUs) when it runs in one.
 function workerCell(name) {
   const w = name && status.workers.find((x) => x.name === name);
-  if (!w || !w.slurm_array) return el("td", {}, name || "–");
-  return el("td", { title: `SLURM job ${w.slurm_job_id}, restart ${w.slurm_restarts}` },
+  if (!w || !w.slurm_array) return el("td", { class: "wrap" }, name || "–");
+  return el("td", { class: "wrap", title: `SLURM job ${w.slurm_job_id}, restart ${w.slurm_restarts}` },
     `${name} (SLURM ${w.slurm_array}${w.gpus ? `, GPU ${w.gpus}` : ""})`);
 }
 
@@ -158,7 +155,7 @@ function drawJobs() {
         age === null || age === undefined || job.state !== "running" ? "–"
           : (stale ? `stale ${duration(age)}` : duration(age))),
       el("td", { class: "error", title: job.error || "" },
-        job.error ? job.error.split("\n")[0] : ""),
+        el("div", {}, job.error ? job.error.split("\n")[0] : "")),
     );
     if (job.name === selected) tr.classList.add("selected");
     rows.push(tr);
@@ -176,7 +173,11 @@ function spread(s) {
 
 function drawResults(doc, text) {
   const tbody = $("results").tBodies[0];
+  // jobs planned with different configs: a row per config, never one mean (results --by)
+  const split = doc.rows.some((r) => r.group);
+  $("results").classList.toggle("split", split);
   tbody.replaceChildren(...doc.rows.map((r) => el("tr", {},
+    el("td", { class: "group" }, r.group || ""),
     el("td", { class: "num" }, String(r.V)), el("td", {}, r.model), el("td", { class: "num" }, String(r.N)),
     el("td", { class: "num" }, `${r.runs_finished}/${r.runs_planned}` + (r.runs_failed ? ` (${r.runs_failed} failed)` : "")),
     el("td", {}, spread(r.accuracy)), el("td", {}, spread(r.balanced_accuracy)),
@@ -220,15 +221,16 @@ function chart(title, series, opts) {
     add("text", { x: L, y: H / 2 }, "no points yet");
     return svg;
   }
-  let x0 = Math.min(...pts.map((p) => p[0])), x1 = Math.max(...pts.map((p) => p[0]));
+  // x: steps done, from 0 to the job's total (a one-point curve keeps a real axis)
+  const x0 = 0, x1 = Math.max(1, opts.xmax || 0, ...pts.map((p) => p[0]));
   let y0 = Math.min(...pts.map((p) => p[1])), y1 = Math.max(...pts.map((p) => p[1]));
   for (const r of opts.refs || []) { y0 = Math.min(y0, r.y); y1 = Math.max(y1, r.y); }
-  if (x1 === x0) { x0 -= 1; x1 += 1; }
   if (opts.percent) {
     y0 = Math.floor(Math.min(y0, 0.4) * 10) / 10; y1 = 1.0;
   } else {
     if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
     const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
+    if (opts.nonNegative) y0 = Math.max(0, y0);  // a loss is never below 0
   }
   const sx = (x) => L + (x - x0) / (x1 - x0) * (W - L - R);
   const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
@@ -237,8 +239,9 @@ function chart(title, series, opts) {
     add("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid" });
     add("text", { x: L - 6, y: sy(y) + 4, "text-anchor": "end" },
       opts.percent ? `${(100 * y).toFixed(0)}%` : y.toPrecision(3));
-    const x = x0 + (x1 - x0) * i / 4;
-    add("text", { x: sx(x), y: H - B + 16, "text-anchor": "middle" }, String(Math.round(x)));
+  }
+  for (const x of integerTicks(x1)) {
+    add("text", { x: sx(x), y: H - B + 16, "text-anchor": "middle" }, String(x));
   }
   add("line", { x1: L, x2: L, y1: T, y2: H - B, class: "axis" });
   add("line", { x1: L, x2: W - R, y1: H - B, y2: H - B, class: "axis" });
@@ -257,12 +260,24 @@ function chart(title, series, opts) {
   return svg;
 }
 
+// Whole steps from 0 to `top`, at most six, each once: 1, 2 or 5 times a power of ten apart.
+function integerTicks(top) {
+  let step = 1;
+  for (let scale = 1; ; scale *= 10) {
+    const fit = [1, 2, 5].map((m) => m * scale).find((s) => top / s <= 5);
+    if (fit) { step = fit; break; }
+  }
+  const ticks = [];
+  for (let x = 0; x <= top; x += step) ticks.push(x);
+  return ticks;
+}
+
 function legend(items) {
   return el("div", { class: "legend" }, ...items.map((i) =>
     el("span", {}, el("i", { style: `background:${i.color}` }), i.label)));
 }
 
-function drawCurves(metrics) {
+function drawCurves(metrics, totalSteps) {
   const train = metrics.map((r) => [r.step + 1, r.loss]);
   const trainAcc = metrics.map((r) => [r.step + 1, r.train_accuracy]);
   const evals = metrics.filter((r) => r.test_accuracy !== undefined);
@@ -271,12 +286,14 @@ function drawCurves(metrics) {
   const refs = [{ y: 0.5, color: "#57606a", label: "50 %" }];
   if (majority !== null && majority !== undefined) refs.push({ y: majority, color: "#cf222e", label: "majority rate" });
   box.replaceChildren(
-    chart("training loss (BCE)", [{ label: "loss", color: "#1f6feb", points: train }], {}),
-    chart("train accuracy (batch)", [{ label: "train accuracy", color: "#8250df", points: trainAcc }], { percent: true }),
+    chart("training loss (BCE)", [{ label: "loss", color: "#1f6feb", points: train }],
+      { nonNegative: true, xmax: totalSteps }),
+    chart("train accuracy (batch)", [{ label: "train accuracy", color: "#8250df", points: trainAcc }],
+      { percent: true, xmax: totalSteps }),
     chart("test set", [
       { label: "accuracy", color: "#1a7f37", points: evals.map((r) => [r.step + 1, r.test_accuracy]) },
       { label: "balanced accuracy", color: "#bc4c00", points: evals.map((r) => [r.step + 1, r.test_balanced_accuracy]) },
-    ], { percent: true, refs }),
+    ], { percent: true, refs, xmax: totalSteps }),
     legend([{ label: "test accuracy", color: "#1a7f37" }, { label: "test balanced accuracy", color: "#bc4c00" },
       { label: "majority-class rate (dashed)", color: "#cf222e" }, { label: "50 % (dashed)", color: "#57606a" }]),
   );
@@ -302,7 +319,7 @@ async function drawDetail() {
       ` step ${j.step}/${j.total_steps} · attempts ${j.attempts} · folder `, el("code", {}, doc.files.folder || "–")),
     el("div", {}, finalEval),
     j.error ? el("pre", { class: "error" }, j.error) : "");
-  drawCurves(doc.metrics);
+  drawCurves(doc.metrics, j.total_steps);
   $("detail-config").textContent = doc.config_yaml;
   $("detail-events").tBodies[0].replaceChildren(...doc.events.map((ev) => el("tr", {},
     el("td", {}, new Date(ev.at * 1000).toLocaleString()), el("td", {}, ev.kind),
