@@ -273,7 +273,8 @@ def requeue(ctx, named, failed, names, fresh):
 
     Cancelled and succeeded jobs come back the same way (a succeeded one re-finishes
     from its final state; use --fresh to train it again). A named running job is
-    requeued only once its worker has gone silent for longer than its lease.
+    requeued only once its worker has gone silent for longer than its lease, or
+    its worker's process on this host is gone.
 
     \b
     Examples:
@@ -282,6 +283,7 @@ def requeue(ctx, named, failed, names, fresh):
       python -m runner requeue --fresh lowrank_V20_N4096_run3
     """
     from runner.folders import move_aside
+    from runner.liveness import HOST, dead_reason
 
     names = (*names, *named)
     if not failed and not names:
@@ -292,7 +294,8 @@ def requeue(ctx, named, failed, names, fresh):
     jobs = queue.jobs() if names else []
     names = list(dict.fromkeys(find_job(jobs, name)["name"] for name in names))
     try:
-        done = queue.requeue(names, failed=failed, fresh=fresh, move_aside=move_aside)
+        done = queue.requeue(names, failed=failed, fresh=fresh, move_aside=move_aside,
+                             host=HOST, is_dead=dead_reason)
     except ValueError as e:
         raise BadInput(str(e)) from None
     except OSError as e:  # the folder could not be moved aside: nothing was changed
