@@ -75,6 +75,10 @@ report: $(STAMP) ## the sweep as one self-contained HTML file (runs/report.html;
 serve: $(STAMP) ## the live dashboard on http://127.0.0.1:8765/ (DB=URL for another queue)
 	$(RUNNER) serve
 
+.PHONY: mutants
+mutants: $(STAMP) ## break each guard in a copy of the tree; its tests must fail (tests/mutants.py)
+	$(PY) -m tests.mutants
+
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 

@@ -1,13 +1,15 @@
-"""Guards pinned by exact values: each test fails when its guard is removed (see tests/mutants.py).
+"""Guards pinned by exact values: each test fails when its guard is removed (tests/mutants.py
+removes them one by one).
 
-Balanced accuracy is the mean of the recalls, a state must agree with its manifest, and a
-reused pid is not the dead worker's process.
+Balanced accuracy is the mean of the recalls, a state must agree with its manifest, a file is
+replaced atomically and durably, and a reused pid is not the dead worker's process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 
 from runner.liveness import HOST, dead_reason, process_token
 from tests.test_queue import rows
+from trainer import atomic
 from trainer import checkpoint as ckpt
 from trainer.train import scores
 
@@ -94,6 +97,65 @@ def test_only_the_newest_states_are_kept(tmp_path):
         "state-0000020.json", "state-0000020.pt", "state-0000030.json", "state-0000030.pt"]
 
 
+def test_a_dict_that_is_not_a_training_state_is_skipped(tmp_path):
+    ckpt.save_state(tmp_path, tiny_state(10))
+    ckpt.save_state(tmp_path, {"model": {}, "step": 20})  # checksummed, but no optimiser, RNGs
+    logged = []
+    assert ckpt.load_latest_state(tmp_path, logged.append)["step"] == 10
+    assert logged == ["ignoring state/state-0000020.pt: not a training state; falling back"]
+
+
+# --- atomic writes --------------------------------------------------------------------------
+
+
+def test_an_atomic_write_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The data reaches the disk before the rename makes it visible, and the rename itself
+    is synced (the folder): the order of the real calls, recorded as they pass through."""
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        calls.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    target = tmp_path / "out.json"
+    atomic.write_bytes_atomic(target, b"new")
+    (_, temp), (_, src, dst), (_, folder) = calls
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert (src, dst, folder) == (temp, str(target), str(tmp_path))
+    assert Path(temp).parent == tmp_path and Path(temp).name.startswith(".out.json.")
+    assert target.read_bytes() == b"new"
+
+
+def test_a_reader_of_the_old_file_keeps_it_whole(tmp_path):
+    target = tmp_path / "metrics.jsonl"
+    target.write_bytes(b"old line\n")
+    with open(target, "rb") as reader:
+        atomic.write_bytes_atomic(target, b"new\n")
+        assert reader.read() == b"old line\n"  # a rename: never rewritten in place
+    assert target.read_bytes() == b"new\n"
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp_file(tmp_path):
+    target = tmp_path / "eval.json"
+    target.write_bytes(b"old")
+
+    def half_then_fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic.write_atomic(target, half_then_fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+    assert target.read_bytes() == b"old"
+
+
 # --- a reused pid --------------------------------------------------------------------------
 
 
@@ -128,3 +190,13 @@ def test_reclaim_takes_a_job_whose_pid_was_reused(queue, other_process):
         (claim.name, f"worker {name}: pid {pid} now belongs to another process")]
     (job,) = queue.jobs()
     assert (job["state"], job["lease_token"]) == ("pending", None)
+
+
+def test_reclaim_judges_only_this_hosts_workers(queue):
+    """A pid means nothing on another host: its job waits for its lease."""
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    queue.claim(f"elsewhere:cpu:{gone.pid}", 600)
+    assert queue.reclaim_dead(HOST, dead_reason, by="test") == []
+    assert queue.counts()["running"] == 1

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +115,28 @@ def test_a_failure_after_a_cancel_is_reported_too(queue, db_url):
     queue.fail(claim, "RuntimeError: boom")
     text = cli(db_url, "status").stdout
     assert f"cancel came too late (1; the job ended first): {claim.name} (failed)" in text
+
+
+@pytest.mark.slow
+def test_a_worker_whose_lease_was_taken_stops_training(tmp_path):
+    """Frozen (SIGSTOP) past its lease, the worker's job is taken; woken, it learns the lease
+    is lost and stops at its next step: it never trains the job to the end."""
+    url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
+    queue = long_job(url, tmp_path)
+    worker = start_worker(url, "--lease", "2")
+    wait_for(lambda: queue.jobs()[0]["step"] >= 20, what="progress")
+    worker.send_signal(signal.SIGSTOP)
+    wait_for(lambda: queue.claim("thief", 600) is not None, timeout=30, what="the takeover")
+    worker.send_signal(signal.SIGCONT)
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0, err[-2000:]
+    (job,) = queue.jobs()
+    assert f"{job['name']}: lease lost (taken over); stopping this attempt" in err
+    assert (job["state"], job["worker"]) == ("running", "thief")
+    out = Path(job["out_dir"])
+    assert not (out / ckpt.EVAL_FILE).exists()
+    assert int(ckpt.list_states(out)[0].stem.split("-")[1]) < 400
+    events = queue.events()
+    taken = next(e for e in events if e["kind"] == "claim" and e["worker"] == "thief")
+    assert [e for e in events if e["id"] > taken["id"] and e["token"] not in (None,
+                                                                             taken["token"])] == []
