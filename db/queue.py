@@ -293,21 +293,9 @@ class JobQueue:
             self._settle_expired(conn)
             if self._paused(conn):
                 return None
-            row = conn.execute(
-                select(Job.id, Job.state, Job.worker, Job.lease_token)
-                .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts,
-                       # A lease can expire between the settling above and this select
-                       # (each statement reads the clock anew): a job asked to cancel is
-                       # never taken, whatever the timing.
-                       or_(Job.stop_request.is_(None), Job.stop_request != "cancel"))
-                .order_by(*ordering).limit(1)
-                .with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the write lock
-            ).first()
+            row = self._claimable(conn, ordering)
             if row is None:
                 return None
-            if row.state == "running":
-                self._event(conn, row.id, "expire", row.worker, row.lease_token,
-                            detail={"taken_over_by": worker})
             job = conn.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.state == row.state,
@@ -319,14 +307,30 @@ class JobQueue:
                         error=None, traceback=None, stop_request=None, peak_memory=None)
                 .returning(*CLAIM_COLUMNS)
             ).first()
-            if job is None:  # cannot happen under the lock; never double-claim
+            if job is None:  # the row changed after it was read (not under the lock): take none
                 return None
+            if row.state == "running":
+                self._event(conn, row.id, "expire", row.worker, row.lease_token,
+                            detail={"taken_over_by": worker})
             self._event(conn, job.id, "claim", worker, token, job.claims,
                         {"lease_seconds": lease_seconds, "step": job.step})
             self._seen(conn, worker, "busy", job.name)
             return _claim(job, token, worker, lease_seconds)
 
         return self._transaction(body)
+
+    def _claimable(self, conn: Connection, ordering: tuple):
+        """The next claimable job (id, state, worker, lease_token), locked, or None."""
+        return conn.execute(
+            select(Job.id, Job.state, Job.worker, Job.lease_token)
+            .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts,
+                   # A lease can expire between the settling and this select (each statement
+                   # reads the clock anew): a job asked to cancel is never taken, whatever
+                   # the timing.
+                   or_(Job.stop_request.is_(None), Job.stop_request != "cancel"))
+            .order_by(*ordering).limit(1)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the write lock
+        ).first()
 
     def _settle_expired(self, conn: Connection) -> None:
         """Expired jobs that must not run again: cancelled ones, and those out of attempts."""

@@ -118,7 +118,7 @@ MUTANTS = [
            (QUEUE, "-k", "exclusive or heartbeats")),
     Mutant("a job out of attempts is not claimed", "db/queue.py",
            "Job.attempts < Job.max_attempts,", "Job.attempts <= Job.max_attempts,",
-           (QUEUE, "-k", "silent_deaths")),
+           (QUEUE, GUARDS, "-k", "silent_deaths or out_of_attempts")),
     Mutant("a job asked to cancel is never claimed", "db/queue.py",
            'or_(Job.stop_request.is_(None), Job.stop_request != "cancel"))',
            "or_(Job.stop_request.is_(None), Job.stop_request == Job.stop_request))",
@@ -127,11 +127,7 @@ MUTANTS = [
            "Job.lease_token.is_(None) if row.lease_token is None\n"
            "                       else Job.lease_token == row.lease_token)",
            "True)",
-           (QUEUE, OPERATIONS, "-k", "not worker_trains and not hands_the_job_back and not "
-                                    "never_touch"),
-           accepted="the row was read under the claim's lock (FOR UPDATE SKIP LOCKED, SQLite's "
-                    "write lock), so no test can change it between the read and this update; "
-                    "the condition is kept as a second line of defence"),
+           (GUARDS, "-k", "went_stale")),
     Mutant("an expired cancelled job is settled cancelled", "db/queue.py",
            'values, detail = {"state": "cancelled"}, {"cancelled": True}',
            'values, detail = {"state": "pending"}, {"cancelled": True}',
@@ -161,7 +157,7 @@ MUTANTS = [
            "fence = (Job.lease_token == row.lease_token if row.lease_token is not None\n"
            "                         else Job.lease_token.is_(None))",
            "fence = True",
-           (LIVENESS, QUEUE, OPERATIONS, "-k", "requeue"),
+           (LIVENESS, QUEUE, "-k", "requeue and not sigkilled"),
            accepted="the rows were read under the requeue's lock (FOR UPDATE, SQLite's write "
                     "lock): no test can renew or take the lease in between; kept as a second "
                     "line of defence"),

@@ -11,11 +11,15 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import update
 
+from db.engine import db_now
+from db.models import Job
 from runner.liveness import HOST, dead_reason, process_token
 from tests.test_queue import rows
 from trainer import atomic
@@ -47,8 +51,9 @@ def test_scores_with_one_class_present():
 
 
 def test_a_zero_logit_is_a_negative_prediction():
-    got = scores(torch.tensor([0.0, 0.0]), torch.tensor([1, -1]))
-    assert (got["accuracy"], got["balanced_accuracy"]) == (0.5, 0.5)
+    got = scores(torch.tensor([0.0, 0.0, 0.0]), torch.tensor([-1, -1, 1]))
+    assert got["accuracy"] == pytest.approx(2 / 3)
+    assert got["balanced_accuracy"] == pytest.approx(0.5)
 
 
 # --- checkpoint manifests ----------------------------------------------------------------
@@ -200,3 +205,51 @@ def test_reclaim_judges_only_this_hosts_workers(queue):
     queue.claim(f"elsewhere:cpu:{gone.pid}", 600)
     assert queue.reclaim_dead(HOST, dead_reason, by="test") == []
     assert queue.counts()["running"] == 1
+
+
+def test_a_job_out_of_attempts_expiring_between_settling_and_selecting_is_not_taken(
+        queue, monkeypatch):
+    """Its last attempt's lease expires after the claim settled the expired jobs and before
+    it selects one: the select itself must refuse a job out of attempts (as it refuses one
+    asked to cancel)."""
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    (job,) = queue.jobs()
+    for attempt in range(1, job["max_attempts"] + 1):
+        claim = queue.claim(f"w{attempt}", 1.0)
+        assert claim.attempt == attempt
+        if attempt < job["max_attempts"]:
+            time.sleep(1.1)
+    settle = queue._settle_expired
+
+    def settle_then_expire(conn):
+        settle(conn)
+        time.sleep(1.2)
+
+    monkeypatch.setattr(queue, "_settle_expired", settle_then_expire)
+    assert queue.claim("other", 60) is None
+    monkeypatch.undo()
+    assert queue.claim("other", 60) is None
+    (job,) = queue.jobs()
+    assert (job["state"], job["attempts"]) == ("failed", job["max_attempts"])
+
+
+def test_a_claim_whose_read_went_stale_takes_nothing(queue, monkeypatch):
+    """The claim's update is fenced on the lease token it read: if the row changed after the
+    read (a lock that did not hold), the claim takes nothing rather than a second lease."""
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    first = queue.claim("w1", 0.3)
+    time.sleep(0.4)  # expired: claimable
+    claimable = queue._claimable
+
+    def renewed_after_the_read(conn, ordering):
+        row = claimable(conn, ordering)
+        conn.execute(update(Job).where(Job.id == row.id).values(heartbeat_at=db_now()))
+        conn.execute(update(Job).where(Job.id == row.id).values(lease_token="renewed"))
+        return row
+
+    monkeypatch.setattr(queue, "_claimable", renewed_after_the_read)
+    assert queue.claim("w2", 60) is None
+    (job,) = queue.jobs()
+    assert (job["state"], job["worker"], job["lease_token"]) == ("running", "w1", "renewed")
+    assert [e["kind"] for e in queue.events()] == ["plan", "claim"]  # no expiry of w1's lease
+    assert first.attempt == 1
