@@ -1,5 +1,6 @@
 """Mutation check of the guards: each mutant removes or bends one guard, and the tests chosen
-for it must fail (`make mutants`, or python -m tests.mutants [--only TEXT] [--list]).
+for it must fail (`make mutants`, or python -m tests.mutants [--only TEXT] [--list]
+[--baseline]).
 
 Each mutant is applied to a copy of the tree in a temporary folder (the files git knows,
 committed or not; never the working tree), its tests run there, and the file is put back.
@@ -238,6 +239,9 @@ def main() -> int:
     parser.add_argument("--only", default=None, metavar="TEXT",
                         help="Only the mutants whose name contains TEXT.")
     parser.add_argument("--list", action="store_true", help="List the mutants and stop.")
+    parser.add_argument("--baseline", action="store_true",
+                        help="First run each selection on the unchanged copy: it must pass "
+                             "(else a kill proves nothing).")
     args = parser.parse_args()
     mutants = [m for m in MUTANTS if args.only is None or args.only in m.name]
     if args.list:
@@ -253,6 +257,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mutants-") as folder:
         tree = Path(folder)
         copy_tree(tree)
+        if args.baseline:
+            for tests in dict.fromkeys(m.tests for m in mutants):
+                status, seconds = run_tests(tree, tests)
+                print(f"{'baseline ok' if status == 0 else 'BASELINE FAILS':20} "
+                      f"{seconds:6.1f}s  {' '.join(tests)}", flush=True)
+                if status != 0:
+                    return 2
         for m in mutants:
             path = tree / m.path
             original = path.read_text()
