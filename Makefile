@@ -17,9 +17,6 @@ THREADS ?=
 DB_OUTAGE ?=
 LOGS    ?= runs/logs
 RUNNER  := $(PY) -m runner $(if $(DB),--db '$(DB)')
-CPU_WORKERS := $(words $(filter cpu,$(GPUS)))
-CPU_SHARE   := $(shell n=$$(nproc 2>/dev/null || echo 1); c=$(CPU_WORKERS); \
-                 [ $$c -gt 0 ] && echo $$(( n / c > 0 ? n / c : 1 )))
 
 .DEFAULT_GOAL := help
 .PHONY: help install plan worker workers slurm status requeue cancel pause resume results plot \
@@ -47,14 +44,8 @@ worker: $(STAMP) ## one worker on GPU=0 (GPU=cpu for the CPU; THREADS=, DB=, DB_
 	  $(if $(DB_OUTAGE),--db-outage $(DB_OUTAGE))
 
 workers: $(STAMP) ## one background worker per entry of GPUS="0 1 2 3" ("0 0": two on GPU 0; "cpu cpu"), a log each
-	@mkdir -p $(LOGS)
-	@i=0; for g in $(GPUS); do \
-	  i=$$((i + 1)); dev=$$g; [ $$g = cpu ] || dev=gpu$$g; log=$(LOGS)/worker-$$i-$$dev.log; \
-	  threads="$(THREADS)"; [ -z "$$threads" ] && [ $$g = cpu ] && threads=$(CPU_SHARE); \
-	  nohup $(RUNNER) worker --gpu $$g $${threads:+--threads $$threads} \
-	    $(if $(DB_OUTAGE),--db-outage $(DB_OUTAGE)) > $$log 2>&1 & \
-	  echo "worker $$i on $$g$${threads:+ ($$threads threads)}: pid $$!, log $$log"; \
-	done
+	@$(PY) -m runner.launch --logs '$(LOGS)' $(if $(DB),--db '$(DB)') \
+	  $(if $(THREADS),--threads '$(THREADS)') $(if $(DB_OUTAGE),--db-outage '$(DB_OUTAGE)') $(GPUS)
 
 slurm: $(STAMP) ## WORKERS=N workers as a SLURM job array (PARTITION=, TIME=, SLURM_ARGS="--cpu ...")
 	@[ -n "$(WORKERS)" ] || { echo 'say how many: make slurm WORKERS=4 PARTITION=gpu' >&2; exit 2; }
@@ -92,6 +83,10 @@ serve: $(STAMP) ## the live dashboard on http://127.0.0.1:8765/ (DB=URL for anot
 .PHONY: gc
 gc: $(STAMP) ## free disk: keep each job's newest valid state (DRY_RUN=1 lists only; REPLACED=1 also replaced folders)
 	$(RUNNER) gc $(if $(DRY_RUN),--dry-run) $(if $(REPLACED),--replaced)
+
+.PHONY: mutants
+mutants: $(STAMP) ## break each guard in a copy of the tree; its tests must fail (tests/mutants.py)
+	$(PY) -m tests.mutants
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

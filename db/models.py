@@ -8,7 +8,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA_VERSION = 3
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
-STOP_REQUESTS = ("cancel", "pause")  # asked of a running job's worker, seen at its next write
+# Asked of a running job's worker, seen at its next write. A cancel that came too late (the
+# job succeeded or failed first) stays on the ended row, for status to report.
+STOP_REQUESTS = ("cancel", "pause")
 
 
 class Base(DeclarativeBase):

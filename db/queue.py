@@ -22,7 +22,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, and_, delete, exc, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    case,
+    delete,
+    exc,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from db.engine import QUICK_BUSY_TIMEOUT_MS, DatabaseError, db_now, describe, mask_url
 from db.models import STATES, Event, Job, Launch, Meta, Worker
@@ -107,7 +119,7 @@ PLANNED_FIELDS = ("v", "n", "model", "run", "position", "cost", "config", "out_d
 FRESH = {"state": "pending", "attempts": 0, "step": 0, "loss": None, "worker": None,
          "lease_token": None, "heartbeat_at": None, "progress_at": None, "finished_at": None,
          "test_accuracy": None, "balanced_accuracy": None, "majority_rate": None,
-         "error": None, "traceback": None}
+         "error": None, "traceback": None, "stop_request": None}
 
 
 def _expired():
@@ -118,6 +130,12 @@ def worker_host(worker: str | None) -> str | None:
     """The host of a worker id `host:gpu:pid`."""
     parts = (worker or "").rsplit(":", 2)
     return parts[0] if len(parts) == 3 else None
+
+
+def _late_cancel():
+    """stop_request for a job that ends anyway: 'cancel' is kept (the cancel came too late),
+    a pause is dropped (nothing left to hand back)."""
+    return case((Job.stop_request == "cancel", "cancel"), else_=None)
 
 
 def _held(claim: Claim):
@@ -275,21 +293,9 @@ class JobQueue:
             self._settle_expired(conn)
             if self._paused(conn):
                 return None
-            row = conn.execute(
-                select(Job.id, Job.state, Job.worker, Job.lease_token)
-                .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts,
-                       # A lease can expire between the settling above and this select
-                       # (each statement reads the clock anew): a job asked to cancel is
-                       # never taken, whatever the timing.
-                       or_(Job.stop_request.is_(None), Job.stop_request != "cancel"))
-                .order_by(*ordering).limit(1)
-                .with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the write lock
-            ).first()
+            row = self._claimable(conn, ordering)
             if row is None:
                 return None
-            if row.state == "running":
-                self._event(conn, row.id, "expire", row.worker, row.lease_token,
-                            detail={"taken_over_by": worker})
             job = conn.execute(
                 update(Job)
                 .where(Job.id == row.id, Job.state == row.state,
@@ -301,14 +307,30 @@ class JobQueue:
                         error=None, traceback=None, stop_request=None, peak_memory=None)
                 .returning(*CLAIM_COLUMNS)
             ).first()
-            if job is None:  # cannot happen under the lock; never double-claim
+            if job is None:  # the row changed after it was read (not under the lock): take none
                 return None
+            if row.state == "running":
+                self._event(conn, row.id, "expire", row.worker, row.lease_token,
+                            detail={"taken_over_by": worker})
             self._event(conn, job.id, "claim", worker, token, job.claims,
                         {"lease_seconds": lease_seconds, "step": job.step})
             self._seen(conn, worker, "busy", job.name)
             return _claim(job, token, worker, lease_seconds)
 
         return self._transaction(body)
+
+    def _claimable(self, conn: Connection, ordering: tuple):
+        """The next claimable job (id, state, worker, lease_token), locked, or None."""
+        return conn.execute(
+            select(Job.id, Job.state, Job.worker, Job.lease_token)
+            .where(or_(Job.state == "pending", _expired()), Job.attempts < Job.max_attempts,
+                   # A lease can expire between the settling and this select (each statement
+                   # reads the clock anew): a job asked to cancel is never taken, whatever
+                   # the timing.
+                   or_(Job.stop_request.is_(None), Job.stop_request != "cancel"))
+            .order_by(*ordering).limit(1)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the write lock
+        ).first()
 
     def _settle_expired(self, conn: Connection) -> None:
         """Expired jobs that must not run again: cancelled ones, and those out of attempts."""
@@ -386,9 +408,11 @@ class JobQueue:
         return self._transaction(body, retry=False, quick=True)
 
     def finish(self, claim: Claim, metrics: dict) -> None:
+        """The job succeeded. A cancel asked too late (the worker finished first) stays on
+        the row as stop_request 'cancel', so that status can tell the user."""
         values = {"state": "succeeded", "lease_token": None, "finished_at": db_now(),
                   "step": claim.total_steps, "error": None, "traceback": None,
-                  "stop_request": None,
+                  "stop_request": _late_cancel(),
                   "test_accuracy": metrics.get("accuracy"),
                   "balanced_accuracy": metrics.get("balanced_accuracy"),
                   "majority_rate": metrics.get("majority_rate")}
@@ -397,7 +421,7 @@ class JobQueue:
 
     def fail(self, claim: Claim, error: str, traceback: str | None = None) -> None:
         values = {"state": "failed", "lease_token": None, "finished_at": db_now(),
-                  "error": error, "traceback": traceback, "stop_request": None}
+                  "error": error, "traceback": traceback, "stop_request": _late_cancel()}
         if not self._conditional(claim, "fail", values, {"error": error}):
             raise LeaseLost(f"{claim.name}: lease lost; failure not recorded")
 
@@ -549,25 +573,31 @@ class JobQueue:
     # --- the user's side -----------------------------------------------------------
 
     def requeue(self, names: list[str] = (), failed: bool = False, fresh: bool = False,
-                move_aside: Callable[[str], None] | None = None) -> list[str]:
+                move_aside: Callable[[str], None] | None = None, host: str | None = None,
+                is_dead: Callable[[str, str | None], str | None] | None = None) -> list[str]:
         """Failed (and/or named) jobs back to pending with attempts reset.
 
         They resume from their checkpoint; with `fresh`, `move_aside(out_dir)` first moves
         their folder out of the way (inside this transaction) and they start from step 0.
-        A named running job is requeued (not fresh) only once its lease has expired: its
-        folder stays, guarded by the folder lock against a worker that wakes up. Unknown
-        names and refused jobs raise ValueError before anything changes.
+        A named running job is requeued (not fresh) only once its lease has expired, or at
+        once when its worker is on `host` and `is_dead(worker, process)` (as reclaim_dead)
+        says why it is dead: its folder stays, guarded by the folder lock against a worker
+        that wakes up. Unknown names and refused jobs raise ValueError before anything
+        changes.
         """
 
         def body(conn: Connection, retrying: bool) -> list[str]:
             now = conn.execute(select(db_now())).scalar_one()
             rows = conn.execute(select(Job.id, Job.name, Job.state, Job.worker, Job.out_dir,
-                                       Job.lease_token, Job.heartbeat_at,
-                                       Job.lease_seconds).with_for_update()).all()
+                                       Job.lease_token, Job.heartbeat_at, Job.lease_seconds,
+                                       Worker.process)
+                                .outerjoin(Worker, Worker.name == Job.worker)
+                                .with_for_update(of=Job)).all()
             by_name = {r.name: r for r in rows}
             unknown = [n for n in names if n not in by_name]
             if unknown:
                 raise ValueError(f"no job named {', '.join(unknown)}")
+            dead: dict[str, str] = {}  # running jobs whose worker is known dead: why
             for name in names:
                 row = by_name[name]
                 if row.state != "running":
@@ -575,7 +605,11 @@ class JobQueue:
                 if fresh:
                     raise ValueError(f"{name} is running (worker {row.worker}): cancel it "
                                      "first, then requeue --fresh")
-                if row.heartbeat_at + row.lease_seconds > now:
+                reason = (is_dead(row.worker, row.process)
+                          if is_dead and host and worker_host(row.worker) == host else None)
+                if reason:
+                    dead[name] = reason
+                elif row.heartbeat_at + row.lease_seconds > now:
                     left = row.heartbeat_at + row.lease_seconds - now
                     raise ValueError(
                         f"{name} is running (worker {row.worker}, heartbeat "
@@ -585,18 +619,28 @@ class JobQueue:
             chosen.update({n: by_name[n] for n in names
                            if fresh or by_name[n].state != "pending"})
             for row in chosen.values():
-                if row.state == "running":  # silent worker: its lease ends here
+                if row.name in dead:  # its worker's process is gone: its lease ends here
+                    self._event(conn, row.id, "reclaim", row.worker, row.lease_token,
+                                detail={"reason": dead[row.name], "by": "requeue",
+                                        "to": "pending"})
+                elif row.state == "running":  # silent worker: its lease ends here
                     self._event(conn, row.id, "expire", row.worker, row.lease_token,
                                 detail={"requeued": True})
                 reset = {"state": "pending", "attempts": 0, "lease_token": None, "error": None,
                          "traceback": None, "finished_at": None, "heartbeat_at": None,
                          "stop_request": None}
                 if fresh:
-                    if move_aside:
-                        move_aside(row.out_dir)
                     reset.update(FRESH)
-                conn.execute(update(Job).where(Job.id == row.id, Job.state == row.state)
-                             .values(**reset))
+                # Fenced on the lease judged above: a lease renewed or taken since is kept.
+                fence = (Job.lease_token == row.lease_token if row.lease_token is not None
+                         else Job.lease_token.is_(None))
+                changed = conn.execute(update(Job).where(Job.id == row.id, fence,
+                                                         Job.state == row.state)
+                                       .values(**reset)).rowcount
+                if not changed:
+                    raise ValueError(f"{row.name} changed while being requeued; try again")
+                if fresh and move_aside:  # a failed move rolls the requeue back
+                    move_aside(row.out_dir)
                 self._event(conn, row.id, "requeue", detail={"from": row.state, "fresh": fresh})
             return sorted(chosen)
 

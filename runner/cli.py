@@ -278,7 +278,8 @@ def requeue(ctx, named, failed, names, fresh):
 
     Cancelled and succeeded jobs come back the same way (a succeeded one re-finishes
     from its final state; use --fresh to train it again). A named running job is
-    requeued only once its worker has gone silent for longer than its lease.
+    requeued only once its worker has gone silent for longer than its lease, or
+    its worker's process on this host is gone.
 
     \b
     Examples:
@@ -287,6 +288,7 @@ def requeue(ctx, named, failed, names, fresh):
       python -m runner requeue --fresh lowrank_V20_N4096_run3
     """
     from runner.folders import move_aside
+    from runner.liveness import HOST, dead_reason
 
     names = (*names, *named)
     if not failed and not names:
@@ -297,7 +299,8 @@ def requeue(ctx, named, failed, names, fresh):
     jobs = queue.jobs() if names else []
     names = list(dict.fromkeys(find_job(jobs, name)["name"] for name in names))
     try:
-        done = queue.requeue(names, failed=failed, fresh=fresh, move_aside=move_aside)
+        done = queue.requeue(names, failed=failed, fresh=fresh, move_aside=move_aside,
+                             host=HOST, is_dead=dead_reason)
     except ValueError as e:
         raise BadInput(str(e)) from None
     except OSError as e:  # the folder could not be moved aside: nothing was changed
@@ -696,13 +699,13 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
     while jobs are pending; it exits 0 when nothing is left, so the array ends with the
     sweep. The queue URL is written into the script (which is private to you).
     """
-    from runner.slurm import launch
+    from runner.slurm import array
 
     try:
-        limit = launch.parse_time(time_limit) if time_limit else None
+        limit = array.parse_time(time_limit) if time_limit else None
     except ValueError as e:
         raise BadInput(str(e)) from None
-    if limit and grace >= launch.time_seconds(limit):
+    if limit and grace >= array.time_seconds(limit):
         raise BadInput(f"--grace {grace}s is not shorter than --time {time_limit}: the "
                        "workers would be told to stop before they start")
     url = absolute_sqlite_url(ctx.obj["db"])
@@ -712,7 +715,7 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
     if not pending:
         raise BadInput("nothing pending or running in the queue: no workers to submit "
                        "(python -m runner status)")
-    opts = launch.SubmitOptions(
+    opts = array.SubmitOptions(
         workers=workers, parallel=parallel, partition=partition, time=limit,
         gpus_per_worker=(0 if cpu else 1) if gpus_per_worker is None else gpus_per_worker,
         cpus_per_worker=cpus_per_worker, mem=mem, account=account, qos=qos, cpu=cpu,
@@ -721,23 +724,23 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
     logs = Path(logs or Path(pending[0]["out_dir"]).parents[1] / "logs").resolve()
     try:
         if not dry_run:
-            launch.sbatch_path()
+            array.sbatch_path()
         if shutil.which("sinfo"):
-            launch.check_multi_node(url, sorted({j["out_dir"] for j in pending}),
-                                    launch.partition_nodes(partition))
-    except launch.SlurmError as e:
+            array.check_multi_node(url, sorted({j["out_dir"] for j in pending}),
+                                    array.partition_nodes(partition))
+    except array.SlurmError as e:
         raise BadInput(str(e)) from None
     if dry_run:
-        click.echo(launch.batch_script(opts, mask_url(url), logs, shown_url=mask_url(url)),
+        click.echo(array.batch_script(opts, mask_url(url), logs, shown_url=mask_url(url)),
                    nl=False)
         return
-    script = launch.write_script(launch.batch_script(opts, url, logs, shown_url=mask_url(url)),
+    script = array.write_script(array.batch_script(opts, url, logs, shown_url=mask_url(url)),
                                  logs)
     try:
-        job_id = launch.submit(script)
-    except launch.SlurmError as e:
+        job_id = array.submit(script)
+    except array.SlurmError as e:
         raise click.ClickException(f"{e} (script kept: {script})") from None
-    queue.record_launch("slurm", job_id, workers, str(script), launch.launch_detail(opts))
+    queue.record_launch("slurm", job_id, workers, str(script), array.launch_detail(opts))
     click.echo(job_id)
     click.echo(f"submitted {workers} worker(s) as SLURM job {job_id} for {len(pending)} "
                f"unfinished job(s); script {script}, logs {logs}/slurm-{job_id}_*.log",
@@ -760,7 +763,7 @@ def absolute_sqlite_url(url: str) -> str:
 @click.pass_context
 def slurm_status(ctx):
     """The SLURM launches of this queue, their tasks (squeue, sacct) and workers."""
-    from runner.slurm import launch
+    from runner.slurm import array
 
     queue = open_queue(ctx, readonly=True)
     launches = queue.launches("slurm")
@@ -768,8 +771,8 @@ def slurm_status(ctx):
         click.echo("no SLURM launches recorded for this queue (python -m runner slurm submit)")
         return
     try:
-        found = launch.tasks([la["job_id"] for la in launches])
-    except launch.SlurmError as e:
+        found = array.tasks([la["job_id"] for la in launches])
+    except array.SlurmError as e:
         found = {}
         click.echo(f"({e}; showing the queue's records only)", err=True)
     workers = collections.defaultdict(list)
@@ -780,7 +783,7 @@ def slurm_status(ctx):
         state = "cancelled" if la["cancelled_at"] else "submitted"
         click.echo(f"SLURM job {la['job_id']}: {la['tasks']} task(s), {state} "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(la['at']))}; "
-                   f"{launch.describe_detail(la['detail'])}")
+                   f"{array.describe_detail(la['detail'])}")
         click.echo(f"  script {la['script']}")
         tasks = {t["task"]: t for t in found.get(la["job_id"], [])}
         names = sorted(set(tasks) | {a for a in workers if a.split("_")[0] == la["job_id"]},
@@ -810,7 +813,7 @@ def slurm_cancel(ctx, job_ids, grace, stop_signal):
     Tasks not started are cancelled; running workers get the hand-back signal, checkpoint
     and return their jobs to pending, and do not requeue themselves.
     """
-    from runner.slurm import launch
+    from runner.slurm import array
 
     queue = open_queue(ctx)
     known = {la["job_id"]: la for la in queue.launches("slurm")}
@@ -825,8 +828,8 @@ def slurm_cancel(ctx, job_ids, grace, stop_signal):
     for job_id in chosen:
         queue.cancel_launch("slurm", job_id)  # first: a stopped worker must not requeue
         try:
-            done = launch.cancel(job_id, stop_signal, grace)
-        except launch.SlurmError as e:
+            done = array.cancel(job_id, stop_signal, grace)
+        except array.SlurmError as e:
             raise click.ClickException(str(e)) from None
         click.echo(f"SLURM job {job_id} cancelled: {done['signalled']} running worker(s) "
                    "signalled to hand their jobs back" + (

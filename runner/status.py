@@ -8,12 +8,13 @@ from db.queue import worker_host
 from runner.liveness import HOST, dead_reason
 from runner.progress import bar, duration, eta_line, sweep_progress
 
+# stop_request on an ended job: a cancel that came too late (the job finished first).
 JOB_FIELDS = ("name", "state", "v", "n", "model", "run", "attempts", "step", "total_steps",
               "loss", "worker", "heartbeat_age", "test_accuracy", "balanced_accuracy",
-              "majority_rate", "error", "out_dir")
-RUNNING_FIELDS = ("stop_request", "peak_memory")
-WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive", "gpus", "slurm_job_id",
-                 "slurm_array", "slurm_restarts")
+              "majority_rate", "error", "out_dir", "stop_request")
+RUNNING_FIELDS = ("peak_memory",)
+WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive", "dead", "gpus",
+                 "slurm_job_id", "slurm_array", "slurm_restarts")
 
 
 def attempt_starts(queue, jobs: list[dict], cache: dict | None = None) -> dict[int, int]:
@@ -51,9 +52,20 @@ def stale_reason(job: dict, processes: dict[str, str | None]) -> str | None:
     return None
 
 
+def judge_workers(workers: list[dict]) -> list[dict]:
+    """The registry's workers with the liveness rule their jobs get: one of this host whose
+    process is gone is not alive (`dead` says why), however recently it was seen."""
+    for w in workers:
+        w["dead"] = (dead_reason(w["name"], w["process"])
+                     if w["state"] != "exited" and worker_host(w["name"]) == HOST else None)
+        if w["dead"]:
+            w["alive"] = False
+    return workers
+
+
 def snapshot(queue, cache: dict | None = None) -> dict:
     """Everything a status report shows, read once."""
-    counts, jobs, workers = queue.counts(), queue.jobs(), queue.workers()
+    counts, jobs, workers = queue.counts(), queue.jobs(), judge_workers(queue.workers())
     processes = {w["name"]: w["process"] for w in workers}
     for job in jobs:
         job["stale"] = stale_reason(job, processes)
@@ -139,6 +151,11 @@ def status_text(snap: dict, where: str) -> str:
         rows = [[j["name"], str(j["attempts"]), (j["error"] or "").splitlines()[0][:100]
                  if j["error"] else "-"] for j in failed]
         out += ["", "failed:", *_table(["name", "attempts", "error"], rows)]
+    late = [f"{j['name']} ({j['state']})" for j in jobs
+            if j["stop_request"] == "cancel" and j["state"] in ("succeeded", "failed")]
+    if late:
+        out += ["", f"cancel came too late ({len(late)}; the job ended first): "
+                + ", ".join(late[:6]) + (", ..." if len(late) > 6 else "")]
     cancelled = [j["name"] for j in jobs if j["state"] == "cancelled"]
     if cancelled:
         out += ["", f"cancelled ({len(cancelled)}; requeue NAME brings one back): "

@@ -406,6 +406,8 @@ class Worker:
                 outcome = "completed"
                 log.info("%s: succeeded, test accuracy %.4f", claim.name,
                          result.metrics["accuracy"])
+                if control.request == "cancel":
+                    job_log(claim, "cancel came too late: the job had finished")
             elif control.request == "cancel":
                 self.queue.cancelled(claim, result.step)
                 outcome = "cancelled"

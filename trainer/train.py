@@ -305,6 +305,12 @@ def evaluate(model, ids: torch.Tensor, y: torch.Tensor, tokens: torch.Tensor,
         logits = torch.cat([model(embed(ids[s:s + EVAL_BATCH], tokens)).float()
                             for s in range(0, ids.shape[0], EVAL_BATCH)])
     model.train(was_training)
+    return scores(logits, y)
+
+
+def scores(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """Accuracy, balanced accuracy (the mean recall of the classes present), majority-class
+    rate, positive rate and loss of logits (n,) against ±1 labels (n,)."""
     target = (y > 0)
     pred = logits > 0
     pos, neg = target.sum().item(), (~target).sum().item()
