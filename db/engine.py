@@ -143,10 +143,11 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.host:  # sqlite://tmp/x.sqlite: "tmp" is read as a host name
+            meant = "/".join(part for part in (parsed.host, parsed.database) if part)
             raise DatabaseError(
                 f"invalid SQLite URL '{url}': a SQLite URL has no host; write "
-                f"sqlite:///{parsed.host}/{parsed.database} (three slashes before a relative "
-                "path, four before an absolute one), or just the file's path")
+                f"sqlite:///{meant} (three slashes before a relative path, four before an "
+                "absolute one), or just the file's path")
         engine = _sqlite_engine(url, parsed.database, create, readonly)
     elif backend == "postgresql":
         args: dict = {"connect_timeout": 5 if readonly else 10, **PG_TCP_ARGS}

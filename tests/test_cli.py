@@ -148,6 +148,7 @@ def test_plan_refuses_a_runs_folder_jobs_cannot_write(tmp_path, args, message):
 
 @pytest.mark.parametrize("url, message", [
     ("sqlite://tmp/x.sqlite", "sqlite:///tmp/x.sqlite"),
+    ("sqlite://q.sqlite", "write sqlite:///q.sqlite (three slashes"),  # no folder: no /None
     ("sqlite://{tmp}/x.sqlite", "a SQLite URL has no host"),
 ])
 def test_a_sqlite_url_one_slash_short_is_refused_and_creates_nothing(tmp_path, url, message):
