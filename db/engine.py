@@ -165,7 +165,7 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
         if readonly:
             _check_schema(engine, mask_url(url))
         else:
-            _ensure_schema(engine)
+            _ensure_schema(engine, mask_url(url))
     # The driver's own errors too: those raised on a raw connection (SQLite's PRAGMAs, e.g.
     # "file is not a database", or a folder given as the file) are not wrapped by SQLAlchemy.
     except (exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
@@ -254,11 +254,14 @@ def _writer_busy_ms() -> int:
     return int(seconds * 1000)
 
 
+QUEUE_TABLES = {"jobs", "meta"}  # every schema version has them
+
+
 def _check_schema(engine: Engine, where: str) -> None:
     """Refuse, without writing, a database that is not a queue of this program's schema."""
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
-        if not {"jobs", "meta"} <= tables:
+        if not QUEUE_TABLES <= tables:
             raise DatabaseError(f"'{where}' is not a queue database (it has no jobs table); "
                                 "plan a sweep into it first, or check --db")
         version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
@@ -272,7 +275,7 @@ def _check_schema(engine: Engine, where: str) -> None:
                             "in place")
 
 
-def _ensure_schema(engine: Engine) -> None:
+def _ensure_schema(engine: Engine, where: str) -> None:
     """Create the tables if missing; safe when several processes race to do it."""
     if engine.dialect.name == "sqlite":
         # Switch to WAL once, outside any transaction (raw connection: no
@@ -280,6 +283,15 @@ def _ensure_schema(engine: Engine) -> None:
         raw = engine.raw_connection()
         try:
             cur = raw.cursor()
+            # A SQLite file belongs to one program: never add the queue's tables (or switch
+            # the journal mode) in a file that holds another program's. (A PostgreSQL
+            # database may well be shared with other tables.)
+            tables = {name for (name,) in cur.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not QUEUE_TABLES <= tables:
+                shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+                raise DatabaseError(f"'{where}' is not a queue database (it holds other "
+                                    f"tables: {shown}); give a new file, or check --db")
             if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 cur.execute("PRAGMA journal_mode = WAL")
             cur.close()
