@@ -35,8 +35,9 @@ def load_sweep(path: Path) -> dict:
     if not isinstance(sweep["study"], str) or not SAFE_NAME.match(sweep["study"]):
         raise SweepError(f"{where}: 'study' must be a plain name, got {sweep['study']!r}")
     attempts = sweep.setdefault("max_attempts", 3)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        raise SweepError(f"{where}: 'max_attempts' must be an integer >= 1, got {attempts!r}")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 1000:
+        raise SweepError(f"{where}: 'max_attempts' must be an integer from 1 to 1000, "
+                         f"got {attempts!r}")
     grid = sweep["grid"]
     if not isinstance(grid, dict) or set(grid) != set(AXES):
         raise SweepError(f"{where}: 'grid' must have exactly the keys {', '.join(AXES)}")

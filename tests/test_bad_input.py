@@ -50,6 +50,9 @@ RUNNER_CASES = [
                                                          "study: a/b")), "'study'"),
     ("max_attempts zero", lambda t: sweep(t, edited("max_attempts: 3", "max_attempts: 0")),
      "max_attempts"),
+    ("max_attempts past any database integer",
+     lambda t: sweep(t, edited("max_attempts: 3", "max_attempts: 99999999999999999999")),
+     "'max_attempts' must be an integer from 1 to 1000, got 99999999999999999999"),
     ("models entry without folder", lambda t: sweep(t, edited(
         "{tag: standard, folder: table_connectivity}", "{tag: standard}")), "models.gpt2"),
     ("sweep is a folder", lambda t: ["plan", "--sweep", str(t)], "is a directory"),
@@ -64,6 +67,15 @@ RUNNER_CASES = [
     ("--set inconsistent V", lambda t: ["plan", "--set", "training.task_kwargs.V=7"],
      "training.task_kwargs.V"),
     ("--only without =", lambda t: ["plan", "--only", "V"], "--only 'V'"),
+    ("--set past any database integer",
+     lambda t: ["plan", "--set", "training.train_steps=99999999999999999999"],
+     "'training.train_steps' must fit in 64 bits (below 2**63 in size), "
+     "got 99999999999999999999"),
+    ("--set a negative integer past 64 bits",
+     lambda t: ["plan", "--set", "seeds.pool=-99999999999999999999"], "'seeds.pool' must fit"),
+    ("--set an infinite learning rate",
+     lambda t: ["plan", "--set", "training.learning_rate=.inf"],
+     "'training.learning_rate' must be a finite number, got inf"),
     ("empty --out-root", lambda t: ["plan", "--out-root", ""], "--out-root"),
     ("unknown option", lambda t: ["plan", "--bogus"], "--bogus"),
     ("unknown command", lambda t: ["frobnicate"], "frobnicate"),
@@ -127,6 +139,11 @@ TRAINER_CASES = [
     ("config too few positions", lambda t: config_file(t, _set("model.n_positions", 10)),
      "model.n_positions"),
     ("config negative seed", lambda t: config_file(t, _set("seeds.pool", -1)), "seeds.pool"),
+    ("config steps past 64 bits", lambda t: config_file(t, _set("training.train_steps", 2**64)),
+     "'training.train_steps' must fit in 64 bits"),
+    ("config infinite rho", lambda t: config_file(t, _set("training.task_kwargs.rho",
+                                                          float("inf"))),
+     "'training.task_kwargs.rho' must be a finite number"),
     ("config unknown task", lambda t: config_file(t, _set("training.task", "sorting")),
      "training.task"),
     ("trainer unknown family", lambda t: ["--family", "bert"], "bert"),
@@ -184,3 +201,14 @@ def test_unusable_database_url_exits_2_with_one_line(tmp_path, label, url, messa
     assert message in line
     assert ":pw@" not in line and "ss@" not in line   # the password stays masked
     assert {p: _file_digest(p) for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.parametrize("bad", ["training.train_steps=99999999999999999999",
+                                 "training.learning_rate=1e400",
+                                 "model.n_embd=-99999999999999999999"])
+def test_a_value_out_of_range_is_refused_before_the_queue_file_is_made(tmp_path, bad):
+    db = tmp_path / "queue" / "q.sqlite"
+    refused_line(cli(f"sqlite:///{db}", "plan", "--profile", "smoke", "--set", bad,
+                     "--out-root", str(tmp_path / "runs")))
+    assert list(tmp_path.iterdir()) == []   # no queue file, no folder
+
