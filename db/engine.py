@@ -170,7 +170,15 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
     # "file is not a database", or a folder given as the file) are not wrapped by SQLAlchemy.
     except (exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
         engine.dispose()
-        error = DatabaseError(f"cannot reach database '{mask_url(url)}': {describe(e)}")
+        problem = _write_problem(Path(parsed.database)) if backend == "sqlite" else None
+        if problem:  # a permission problem, not one of reaching the database
+            error = DatabaseError(
+                f"cannot {'read' if readonly else 'write to'} the queue '{mask_url(url)}': "
+                f"{describe(e)} ({problem}"
+                + (")" if readonly else "; status, results, plot, report, logs, serve and "
+                   "export can still read it)"))
+        else:
+            error = DatabaseError(f"cannot reach database '{mask_url(url)}': {describe(e)}")
         error.orig = e
         raise error from None
     except DatabaseError:
@@ -196,7 +204,11 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
         if not create:
             raise NoQueue(f"no queue at {path}: run `make plan` (or `plan --db ...`) first")
         if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DatabaseError(f"cannot create the queue's folder {path.parent}: "
+                                    f"{e.strerror or e}") from None
     fs = _filesystem_type(path.parent)
     if fs in NETWORK_FILESYSTEMS:
         raise DatabaseError(
@@ -205,11 +217,11 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
         )
     busy_ms = READ_BUSY_TIMEOUT_MS if readonly else _writer_busy_ms()
     if readonly:
-        # A connection per use (no pool), to the existing file only (mode=rw: a file
+        # A connection per use (no pool), to the existing file only (mode=rw or ro: a file
         # deleted meanwhile is an error, never a new empty queue), so a long-lived
         # reader (status --watch, the dashboard) follows a queue that is made anew.
         def open_existing():
-            return sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True,
+            return sqlite3.connect(f"file:{quote(str(path))}?{_read_mode(path)}", uri=True,
                                    timeout=busy_ms / 1000, check_same_thread=False)
 
         engine = create_engine(url, creator=open_existing, poolclass=NullPool)
@@ -239,6 +251,35 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
         conn.exec_driver_sql(f"BEGIN {'DEFERRED' if reading else 'IMMEDIATE'}")
 
     return engine
+
+
+def _read_mode(path: Path) -> str:
+    """How a command that only looks opens the SQLite file (a URI parameter).
+
+    mode=rw where this process may write beside it, as SQLite does by default (it keeps
+    the WAL index there); mode=ro where it may not write the file but the WAL files can
+    be used (its folder is writable, or they are there: a copy of a live queue); else
+    immutable=1 (read-only media, no WAL to read): nothing can change the file, and
+    SQLite reads it without locks or a WAL index.
+    """
+    if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK):
+        return "mode=rw"
+    if os.access(path.parent, os.W_OK) or Path(f"{path}-wal").exists():
+        return "mode=ro"
+    return "immutable=1"
+
+
+def _write_problem(path: Path) -> str | None:
+    """Why this process may not write the SQLite file or its folder; None when it may."""
+    for target, what in ((path, "the file"), (path.parent, "its folder")):
+        if target.exists() and not os.access(target, os.W_OK):
+            try:
+                read_only = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+            except OSError:
+                read_only = False
+            return (f"{what} is on a read-only file system" if read_only
+                    else f"no permission to write {what}")
+    return None
 
 
 def _writer_busy_ms() -> int:

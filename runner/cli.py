@@ -558,7 +558,7 @@ def report(ctx, out):
 
     if not out.lower().endswith((".html", ".htm")):
         raise BadInput(f"--out '{out}': the report is HTML; name it *.html")
-    path = write(open_queue(ctx), mask_url(ctx.obj["db"]), out)
+    path = write(open_queue(ctx, readonly=True), mask_url(ctx.obj["db"]), out)
     click.echo(f"wrote the report: {path} (open it in a browser)")
 
 
@@ -579,7 +579,7 @@ def export(ctx, tb_dir, follow, interval):
     """
     from runner.reporting.export import Exporter, MissingExtra
 
-    queue = open_queue(ctx)
+    queue = open_queue(ctx, readonly=True)
     try:
         exporter = Exporter(tb_dir)
     except MissingExtra as e:
