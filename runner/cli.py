@@ -418,20 +418,28 @@ def results(ctx, as_json, as_csv):
 @click.pass_context
 def plot(ctx, out, curves_dir):
     """Sample-complexity figure (accuracy vs N per V and model) and training curves."""
+    from runner.outputs import OutputError, check_file, check_folder, writing
     from runner.reporting.plot import sample_complexity, training_curves
     from runner.reporting.results import aggregate
 
     if not out.lower().endswith(".png"):
         raise BadInput(f"--out '{out}': the figure is written as PNG; name it *.png")
-    jobs = open_queue(ctx, readonly=True).jobs()
-    res = aggregate(jobs)
-    for note in res.notes:
-        click.echo(f"note: {note}", err=True)
+    curves_dir = curves_dir or Path(out).parent / "curves"
     try:
-        path = sample_complexity(res, out)
+        check_file(out, "--out")
+        check_folder(curves_dir, "--curves-dir")
+        jobs = open_queue(ctx, readonly=True).jobs()
+        res = aggregate(jobs)
+        for note in res.notes:
+            click.echo(f"note: {note}", err=True)
+        with writing(out, "--out"):  # each figure is written whole or not at all
+            path = sample_complexity(res, out)
+        with writing(curves_dir, "--curves-dir"):
+            curves = training_curves(jobs, curves_dir)
+    except OutputError as e:
+        raise BadInput(str(e)) from None
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    curves = training_curves(jobs, curves_dir or Path(out).parent / "curves")
     click.echo(f"wrote the sample-complexity figure: {path}")
     if curves:
         click.echo(f"wrote {len(curves)} training-curve figure(s) to {curves[0].parent}/")
@@ -554,11 +562,18 @@ def report(ctx, out):
     What was run, progress, the results table, the sample-complexity figure,
     training curves per (V, N), failures with their errors, every job.
     """
+    from runner.outputs import OutputError, check_file, writing
     from runner.reporting.report import write
 
     if not out.lower().endswith((".html", ".htm")):
         raise BadInput(f"--out '{out}': the report is HTML; name it *.html")
-    path = write(open_queue(ctx, readonly=True), mask_url(ctx.obj["db"]), out)
+    try:
+        check_file(out, "--out")
+        queue = open_queue(ctx, readonly=True)
+        with writing(out, "--out"):  # written whole or not at all
+            path = write(queue, mask_url(ctx.obj["db"]), out)
+    except OutputError as e:
+        raise BadInput(str(e)) from None
     click.echo(f"wrote the report: {path} (open it in a browser)")
 
 
@@ -577,8 +592,13 @@ def export(ctx, tb_dir, follow, interval):
     Needs the tensorboard extra (pip install -e '.[tensorboard]'); view with
     `tensorboard --logdir DIR`.
     """
+    from runner.outputs import OutputError, check_folder, writing
     from runner.reporting.export import Exporter, MissingExtra
 
+    try:
+        check_folder(tb_dir, "--tensorboard")
+    except OutputError as e:
+        raise BadInput(str(e)) from None
     queue = open_queue(ctx, readonly=True)
     try:
         exporter = Exporter(tb_dir)
@@ -587,7 +607,11 @@ def export(ctx, tb_dir, follow, interval):
     try:
         while True:
             jobs = queue.jobs()
-            written = exporter.export(jobs)
+            try:
+                with writing(tb_dir, "--tensorboard"):
+                    written = exporter.export(jobs)
+            except OutputError as e:
+                raise BadInput(str(e)) from None
             click.echo(f"exported {sum(written.values())} new point(s) from {len(written)} "
                        f"job(s) to {tb_dir}")
             if not follow or not any(j["state"] in ("pending", "running") for j in jobs):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import re
-import tempfile
 from pathlib import Path
 
+from runner.outputs import folder_problem
 from trainer.config import CONF_DIR, FAMILIES, ConfigError, load_yaml, resolve
 from trainer.seeds import seq_len
 
@@ -136,15 +136,7 @@ def check_out_root(out_root: str) -> None:
         raise SweepError("--out-root must be a folder path")
     if ".." in Path(out_root).parts:
         raise SweepError(f"--out-root '{out_root}': '..' is not allowed")
-    path = Path(out_root).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        what = "is a file" if existing == path else f"is inside {existing}, which is a file"
-        raise SweepError(f"--out-root '{out_root}' {what}: give a folder")
-    # Try to make a folder there: permissions, read-only and pseudo filesystems, all at once.
-    try:
-        probe = Path(tempfile.mkdtemp(prefix=".plan-probe-", dir=existing))
-    except OSError as e:
-        raise SweepError(f"--out-root '{out_root}': cannot create folders in {existing}: "
-                         f"{e.strerror or e}") from None
-    probe.rmdir()
+    problem = folder_problem(out_root)
+    if problem:
+        raise SweepError(f"--out-root '{out_root}': {problem}"
+                         + ("; give a folder" if "is a file" in problem else ""))

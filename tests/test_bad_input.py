@@ -85,6 +85,18 @@ RUNNER_CASES = [
     ("--gpu not a number", lambda t: ["worker", "--gpu", "first"], "--gpu 'first'"),
     ("--watch with --json", lambda t: ["status", "--json", "--watch", "2"], "--watch"),
     ("figure not PNG", lambda t: ["plot", "--out", str(t / "figure.pdf")], "PNG"),
+    # Outputs that cannot be written (as root too): refused before any work.
+    ("report into /proc", lambda t: ["report", "--out", "/proc/r.html"],
+     "--out '/proc/r.html': cannot write in /proc: No such file or directory"),
+    ("figure inside a file", lambda t: ["plot", "--out", write(t, "a-file", "") + "/x.png"],
+     "/a-file/x.png': it is inside "),
+    ("curves inside a file", lambda t: ["plot", "--out", str(t / "x.png"), "--curves-dir",
+                                        write(t, "a-file", "") + "/curves"],
+     "--curves-dir '"),
+    ("figure into /sys", lambda t: ["plot", "--out", "/sys/x.png"],
+     "--out '/sys/x.png': cannot write in /sys"),
+    ("TensorBoard folder in /proc", lambda t: ["export", "--tensorboard", "/proc/tb"],
+     "--tensorboard '/proc/tb': cannot write in /proc"),
     ("logs of an unknown job", lambda t: ["logs", "no_such_job"], "no_such_job"),
 ]
 
@@ -93,8 +105,11 @@ RUNNER_CASES = [
 def test_runner_bad_input_exits_2_with_one_line_and_changes_nothing(planned, tmp_path, label,
                                                                     args, message):
     before = digest(planned)
-    assert message in refused_line(cli(planned, *args(tmp_path)))
+    args = args(tmp_path)
+    files = sorted(tmp_path.rglob("*"))
+    assert message in refused_line(cli(planned, *args))
     assert digest(planned) == before
+    assert sorted(tmp_path.rglob("*")) == files   # no output, not even half of one
 
 
 def config_file(t: Path, change=None, text: str | bytes | None = None) -> list[str]:

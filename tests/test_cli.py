@@ -135,7 +135,7 @@ def test_requeue_takes_a_unique_part_of_a_name(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--out-root", "{tmp}/a-file"], "is a file"),
     (["--out-root", "{tmp}/a-file/runs"], "which is a file"),
-    (["--out-root", "/proc/runs"], "cannot create folders in /proc"),
+    (["--out-root", "/proc/runs"], "cannot write in /proc"),
 ])
 def test_plan_refuses_a_runs_folder_jobs_cannot_write(tmp_path, args, message):
     (tmp_path / "a-file").write_text("not a folder")

@@ -102,11 +102,11 @@ def archived(tmp_path_factory):
         folder.mkdir(parents=True)
         (folder / "train.log").write_text("attempt 1\nstep 1/30\n")
         (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 0.5}) + "\n")
+        (folder / "eval.json").write_text(json.dumps(METRICS))
         mount("-o", "remount,ro", str(disk))
         yield url, claim.name
     finally:
-        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+        umount(disk)
 
 
 ARCHIVE_LOOKS = [
@@ -145,4 +145,37 @@ def test_a_command_that_writes_says_the_archive_is_read_only(archived, args):
     line = refused_line(cli(url, *args))
     assert "cannot write to the queue" in line and "read-only file system" in line
     assert "cannot reach" not in line
+
+
+@pytest.mark.parametrize("args", [["plot", "--out", "{archive}/figure.png"],
+                                  ["plot", "--out", "{tmp}/f.png", "--curves-dir", "{archive}/c"],
+                                  ["report", "--out", "{archive}/report.html"],
+                                  ["export", "--tensorboard", "{archive}/tb"]],
+                         ids=" ".join)
+def test_an_output_on_read_only_media_is_refused_in_one_line(archived, tmp_path, args):
+    url, _ = archived
+    archive = Path(url.removeprefix("sqlite:///")).parent
+    line = refused_line(cli(url, *[a.format(archive=archive, tmp=tmp_path) for a in args]))
+    assert f"cannot write in {archive}: Read-only file system" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def umount(folder) -> None:
+    if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("args", [["plot", "--out", "{disk}/figure.png"],
+                                  ["report", "--out", "{disk}/report.html"]], ids=" ".join)
+def test_an_output_that_fills_the_disk_leaves_nothing_half_written(archived, tmp_path, args):
+    url, _ = archived
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk))   # smaller than either file
+    try:
+        line = refused_line(cli(url, *[a.format(disk=disk) for a in args]))
+        assert "No space left on device" in line
+        assert list(disk.iterdir()) == []   # neither the file nor a temp file
+    finally:
+        umount(disk)
 

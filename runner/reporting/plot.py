@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runner.reporting.results import MODEL_LABELS, Results, run_lines
+from trainer.atomic import write_atomic
 from trainer.files import read_metrics
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
@@ -33,8 +34,7 @@ def sample_complexity(results: Results, out: str | Path) -> Path:
     """Write the sample-complexity figure (see sample_complexity_figure) to `out` (PNG)."""
     fig = sample_complexity_figure(results)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    write_atomic(out, lambda f: fig.savefig(f, format="png"))  # whole or absent
     return out
 
 
@@ -189,7 +189,6 @@ def training_curves(jobs: list[dict], out_dir: str | Path) -> list[Path]:
         fig.suptitle(f"Training curves: V = {V} tables, N = {N} training examples (test set "
                      f"evaluated every few steps)", fontsize=11)
         path = out_dir / f"curves_V{V}_N{N}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png"))
         written.append(path)
     return written

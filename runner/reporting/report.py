@@ -26,6 +26,7 @@ from runner.reporting.views import (
     what_was_run,
 )
 from runner.status import snapshot
+from trainer.atomic import write_bytes_atomic
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif;
@@ -162,8 +163,5 @@ def build(queue, queue_label: str) -> str:
 
 def write(queue, queue_label: str, out: str | Path) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(build(queue, queue_label), encoding="utf-8")
-    tmp.replace(out)
+    write_bytes_atomic(out, build(queue, queue_label).encode("utf-8"))
     return out
