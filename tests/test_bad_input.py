@@ -227,3 +227,15 @@ def test_a_value_out_of_range_is_refused_before_the_queue_file_is_made(tmp_path,
                      "--out-root", str(tmp_path / "runs")))
     assert list(tmp_path.iterdir()) == []   # no queue file, no folder
 
+
+
+def test_the_claims_benchmark_refuses_a_real_queue_and_deletes_nothing(planned):
+    """bench/claims.py empties the database it is given: a real queue is refused."""
+    before = digest(planned)
+    proc = subprocess.run([PYTHON, "bench/claims.py", "--db", planned, "--processes", "1",
+                           "--jobs", "5", "--makespan-seconds", "0.5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    line = refused_line(proc)
+    assert "holds 30 jobs, 30 events: the benchmark deletes every job and event" in line
+    assert line.endswith("or pass --i-know-this-deletes")
+    assert digest(planned) == before
