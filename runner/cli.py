@@ -59,7 +59,17 @@ def log_outage(notice) -> None:
         logging.getLogger("runner").warning("database back after %s", duration(notice.seconds))
 
 
+def print_version(ctx: click.Context, param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from runner.version import package_version
+
+        click.echo(f"runner {package_version()}")
+        ctx.exit()
+
+
 @click.group(invoke_without_command=True)
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=print_version, help="Print the program's version and exit.")
 @click.option("--db", envvar="RUNNER_DB", default=None, metavar="URL",
               help="Queue database; else $RUNNER_DB, else sqlite:///runs/queue.sqlite. "
                    "A plain file path means a SQLite file there. "

@@ -90,6 +90,24 @@ def parse_only(items: tuple[str, ...] | list[str], sweep: dict) -> dict[str, set
     return chosen
 
 
+# Config keys that each job's sweep coordinates set (trainer.config.resolve): an override
+# would give every job the same value under names that say otherwise.
+AXIS_KEYS = {"model.V": "V", "training.task_kwargs.V": "V",
+             "training.num_training_examples": "N", "model.family": "model", "seeds.run": "run"}
+
+
+def check_overrides(overrides: list[str], sweep: dict) -> None:
+    """Refuse a --set of a key that a sweep axis sets: point to --only instead."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        axis = AXIS_KEYS.get(key)
+        if axis:
+            shown = ", ".join(map(str, sweep["grid"][axis]))
+            raise SweepError(f"--set '{item}': {key} is set by the sweep axis {axis}; choose "
+                             f"with --only {axis}=VALUE among the sweep's values ({shown}), or "
+                             "give a sweep file with other values (--sweep)")
+
+
 def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[str],
              out_root: str) -> list[dict]:
     """Every selected job of the sweep, resolved, in the guide's order.
@@ -97,6 +115,7 @@ def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[st
     Folders are absolute (`out_root` resolved against the planner's working
     directory), so workers and tools started anywhere find the same files.
     """
+    check_overrides(overrides, sweep)
     rows = []
     grid = sweep["grid"]
     root = Path(out_root).expanduser().resolve()

@@ -66,6 +66,13 @@ RUNNER_CASES = [
      "training.learning_rate"),
     ("--set inconsistent V", lambda t: ["plan", "--set", "training.task_kwargs.V=7"],
      "training.task_kwargs.V"),
+    ("--set a sweep axis", lambda t: ["plan", "--set", "model.V=7"],
+     "--set 'model.V=7': model.V is set by the sweep axis V; choose with --only V=VALUE among "
+     "the sweep's values (5, 20), or give a sweep file with other values (--sweep)"),
+    ("--set the data size", lambda t: ["plan", "--set", "training.num_training_examples=100"],
+     "is set by the sweep axis N; choose with --only N=VALUE"),
+    ("--set the run's seed", lambda t: ["plan", "--set", "seeds.run=9"],
+     "is set by the sweep axis run"),
     ("--only without =", lambda t: ["plan", "--only", "V"], "--only 'V'"),
     ("--set past any database integer",
      lambda t: ["plan", "--set", "training.train_steps=99999999999999999999"],
