@@ -51,6 +51,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE jobs ADD COLUMN peak_memory FLOAT",
         "UPDATE jobs SET claims = attempts"],
 }
+# SQLite's READONLY and CANTOPEN: what a file or folder this process may not write gives.
+SQLITE_NO_ACCESS = {8, 14}
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre",
                        "gpfs", "ceph", "glusterfs", "fuse.glusterfs"}
 
@@ -170,7 +172,8 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
     # "file is not a database", or a folder given as the file) are not wrapped by SQLAlchemy.
     except (exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
         engine.dispose()
-        problem = _write_problem(Path(parsed.database)) if backend == "sqlite" else None
+        code = getattr(getattr(e, "orig", None) or e, "sqlite_errorcode", 0) & 0xFF
+        problem = _write_problem(Path(parsed.database)) if code in SQLITE_NO_ACCESS else None
         if problem:  # a permission problem, not one of reaching the database
             error = DatabaseError(
                 f"cannot {'read' if readonly else 'write to'} the queue '{mask_url(url)}': "
