@@ -4,7 +4,12 @@ Run from the repository root:
 
     .venv/bin/python bench/claims.py                                   # SQLite in a temp folder
     .venv/bin/python bench/claims.py --processes 1,2,8 --jobs 1000 --makespan-seconds 10
-    .venv/bin/python bench/claims.py --db postgresql+psycopg://user:pw@host/db
+    .venv/bin/python bench/claims.py --db postgresql+psycopg://user:pw@host/db_for_bench
+
+--db must be a throwaway database: every job and event in it is deleted before each round.
+A database that holds jobs, events or workers (a real queue), or another program's tables,
+is refused (exit 2) unless --i-know-this-deletes is given; the benchmark's own rows are
+deleted again at the end, so the same database can be used for the next run.
 
 1. Throughput: for each process count P, a fresh queue (a new SQLite file per round; with
    --db, every `events` and `jobs` row is deleted first) gets --jobs synthetic jobs (the
@@ -40,10 +45,12 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import sqlalchemy  # noqa: E402
-from sqlalchemy import delete, text  # noqa: E402
+from sqlalchemy import create_engine, delete, func, inspect, select, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy.pool import NullPool  # noqa: E402
 
-from db.engine import _filesystem_type, connect, mask_url  # noqa: E402
-from db.models import Event, Job  # noqa: E402
+from db.engine import _filesystem_type, connect, mask_url, normalize_url  # noqa: E402
+from db.models import Base, Event, Job  # noqa: E402
 from db.queue import JobQueue  # noqa: E402
 from runner.planner import job_rows, load_sweep  # noqa: E402
 from tests.audit import finishes_per_job, lease_violations  # noqa: E402
@@ -77,17 +84,46 @@ def worker(url, order, sleeps, barrier, results, wid):
     queue.engine.dispose()
 
 
+def at_risk(url: str) -> str | None:
+    """What the database at `url` holds that the benchmark would delete or mix its fake jobs
+    with, in words; None for a throwaway one (empty, or a queue without jobs or events).
+
+    Only reads: a SQLite file that does not exist is not made, nothing is created."""
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").exists():
+        return None
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            rows = {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                    for t in Base.metadata.sorted_tables if t.name in tables and t.name != "meta"}
+    finally:
+        engine.dispose()
+    other = sorted(tables - set(Base.metadata.tables))
+    if other:
+        return "another program's tables (" + ", ".join(other[:4]) + ")"
+    held = [f"{n} {name}" for name, n in rows.items() if n]
+    return ", ".join(held) or None
+
+
+def clear(url: str) -> None:
+    """Delete every job and event (and create the queue's tables where missing)."""
+    engine = connect(url, create=True)
+    with engine.begin() as conn:
+        conn.execute(delete(Event))
+        conn.execute(delete(Job))
+    engine.dispose()
+
+
 def fresh_queue(args, folder: Path, label: str) -> str:
     """The URL of an empty queue: a new SQLite file, or --db with every job and event deleted."""
     if args.db is None:
         url = f"sqlite:///{folder / f'{label}.sqlite'}"
         connect(url, create=True).dispose()
         return url
-    engine = connect(args.db, create=True)
-    with engine.begin() as conn:
-        conn.execute(delete(Event))
-        conn.execute(delete(Job))
-    engine.dispose()
+    clear(args.db)
     return args.db
 
 
@@ -209,19 +245,32 @@ def makespan(args, folder, sweep):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", help="queue URL (default: SQLite files in a temp folder); "
-                        "its jobs and events are DELETED before each round")
+    parser.add_argument("--db", help="a throwaway queue database (default: SQLite files in a "
+                        "temp folder); its jobs and events are DELETED before each round")
+    parser.add_argument("--i-know-this-deletes", action="store_true",
+                        help="use --db even though it holds jobs, events or other tables")
     parser.add_argument("--processes", default="1,4,8",
                         type=lambda s: [int(x) for x in s.split(",") if x.strip()])
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--makespan-seconds", type=float, default=20.0)
     args = parser.parse_args()
+    if args.db and not args.i_know_this_deletes:
+        held = at_risk(args.db)
+        if held:
+            print(f"error: --db '{mask_url(args.db)}' holds {held}: the benchmark deletes every "
+                  "job and event there; give it a throwaway database (or no --db: SQLite files "
+                  "in a temp folder), or pass --i-know-this-deletes", file=sys.stderr)
+            sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp:
         folder = Path(tmp)
         header(args, folder)
         sweep = load_sweep(SWEEP)
-        throughput(args, folder, sweep)
-        makespan(args, folder, sweep)
+        try:
+            throughput(args, folder, sweep)
+            makespan(args, folder, sweep)
+        finally:
+            if args.db:  # leave no fake jobs behind (results would call them the study)
+                clear(args.db)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE workers ADD COLUMN slurm_restarts INTEGER",
         "ALTER TABLE workers ADD COLUMN gpus VARCHAR(64)"],
 }
+# SQLite's READONLY and CANTOPEN: what a file or folder this process may not write gives.
+SQLITE_NO_ACCESS = {8, 14}
 NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "lustre",
                        "gpfs", "ceph", "glusterfs", "fuse.glusterfs"}
 
@@ -148,10 +150,11 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.host:  # sqlite://tmp/x.sqlite: "tmp" is read as a host name
+            meant = "/".join(part for part in (parsed.host, parsed.database) if part)
             raise DatabaseError(
                 f"invalid SQLite URL '{url}': a SQLite URL has no host; write "
-                f"sqlite:///{parsed.host}/{parsed.database} (three slashes before a relative "
-                "path, four before an absolute one), or just the file's path")
+                f"sqlite:///{meant} (three slashes before a relative path, four before an "
+                "absolute one), or just the file's path")
         engine = _sqlite_engine(url, parsed.database, create, readonly)
     elif backend == "postgresql":
         args: dict = {"connect_timeout": 5 if readonly else 10, **PG_TCP_ARGS}
@@ -169,12 +172,21 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
         if readonly:
             _check_schema(engine, mask_url(url))
         else:
-            _ensure_schema(engine)
+            _ensure_schema(engine, mask_url(url))
     # The driver's own errors too: those raised on a raw connection (SQLite's PRAGMAs, e.g.
     # "file is not a database", or a folder given as the file) are not wrapped by SQLAlchemy.
     except (exc.DBAPIError, engine.dialect.loaded_dbapi.Error) as e:
         engine.dispose()
-        error = DatabaseError(f"cannot reach database '{mask_url(url)}': {describe(e)}")
+        code = getattr(getattr(e, "orig", None) or e, "sqlite_errorcode", 0) & 0xFF
+        problem = _write_problem(Path(parsed.database)) if code in SQLITE_NO_ACCESS else None
+        if problem:  # a permission problem, not one of reaching the database
+            error = DatabaseError(
+                f"cannot {'read' if readonly else 'write to'} the queue '{mask_url(url)}': "
+                f"{describe(e)} ({problem}"
+                + (")" if readonly else "; status, results, plot, report, logs, serve and "
+                   "export can still read it)"))
+        else:
+            error = DatabaseError(f"cannot reach database '{mask_url(url)}': {describe(e)}")
         error.orig = e
         raise error from None
     except DatabaseError:
@@ -200,7 +212,11 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
         if not create:
             raise NoQueue(f"no queue at {path}: run `make plan` (or `plan --db ...`) first")
         if not path.parent.is_dir():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DatabaseError(f"cannot create the queue's folder {path.parent}: "
+                                    f"{e.strerror or e}") from None
     fs = _filesystem_type(path.parent)
     if fs in NETWORK_FILESYSTEMS:
         raise DatabaseError(
@@ -209,11 +225,11 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
         )
     busy_ms = READ_BUSY_TIMEOUT_MS if readonly else _writer_busy_ms()
     if readonly:
-        # A connection per use (no pool), to the existing file only (mode=rw: a file
+        # A connection per use (no pool), to the existing file only (mode=rw or ro: a file
         # deleted meanwhile is an error, never a new empty queue), so a long-lived
         # reader (status --watch, the dashboard) follows a queue that is made anew.
         def open_existing():
-            return sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True,
+            return sqlite3.connect(f"file:{quote(str(path))}?{_read_mode(path)}", uri=True,
                                    timeout=busy_ms / 1000, check_same_thread=False)
 
         engine = create_engine(url, creator=open_existing, poolclass=NullPool)
@@ -245,6 +261,35 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
     return engine
 
 
+def _read_mode(path: Path) -> str:
+    """How a command that only looks opens the SQLite file (a URI parameter).
+
+    mode=rw where this process may write beside it, as SQLite does by default (it keeps
+    the WAL index there); mode=ro where it may not write the file but the WAL files can
+    be used (its folder is writable, or they are there: a copy of a live queue); else
+    immutable=1 (read-only media, no WAL to read): nothing can change the file, and
+    SQLite reads it without locks or a WAL index.
+    """
+    if os.access(path, os.W_OK) and os.access(path.parent, os.W_OK):
+        return "mode=rw"
+    if os.access(path.parent, os.W_OK) or Path(f"{path}-wal").exists():
+        return "mode=ro"
+    return "immutable=1"
+
+
+def _write_problem(path: Path) -> str | None:
+    """Why this process may not write the SQLite file or its folder; None when it may."""
+    for target, what in ((path, "the file"), (path.parent, "its folder")):
+        if target.exists() and not os.access(target, os.W_OK):
+            try:
+                read_only = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+            except OSError:
+                read_only = False
+            return (f"{what} is on a read-only file system" if read_only
+                    else f"no permission to write {what}")
+    return None
+
+
 def _writer_busy_ms() -> int:
     raw = os.environ.get(BUSY_TIMEOUT_ENV)
     if not raw:
@@ -258,11 +303,14 @@ def _writer_busy_ms() -> int:
     return int(seconds * 1000)
 
 
+QUEUE_TABLES = {"jobs", "meta"}  # every schema version has them
+
+
 def _check_schema(engine: Engine, where: str) -> None:
     """Refuse, without writing, a database that is not a queue of this program's schema."""
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
-        if not {"jobs", "meta"} <= tables:
+        if not QUEUE_TABLES <= tables:
             raise DatabaseError(f"'{where}' is not a queue database (it has no jobs table); "
                                 "plan a sweep into it first, or check --db")
         version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
@@ -276,7 +324,7 @@ def _check_schema(engine: Engine, where: str) -> None:
                             "in place")
 
 
-def _ensure_schema(engine: Engine) -> None:
+def _ensure_schema(engine: Engine, where: str) -> None:
     """Create the tables if missing; safe when several processes race to do it."""
     if engine.dialect.name == "sqlite":
         # Switch to WAL once, outside any transaction (raw connection: no
@@ -284,6 +332,15 @@ def _ensure_schema(engine: Engine) -> None:
         raw = engine.raw_connection()
         try:
             cur = raw.cursor()
+            # A SQLite file belongs to one program: never add the queue's tables (or switch
+            # the journal mode) in a file that holds another program's. (A PostgreSQL
+            # database may well be shared with other tables.)
+            tables = {name for (name,) in cur.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not QUEUE_TABLES <= tables:
+                shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+                raise DatabaseError(f"'{where}' is not a queue database (it holds other "
+                                    f"tables: {shown}); give a new file, or check --db")
             if cur.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 cur.execute("PRAGMA journal_mode = WAL")
             cur.close()

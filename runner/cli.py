@@ -61,7 +61,17 @@ def log_outage(notice) -> None:
         logging.getLogger("runner").warning("database back after %s", duration(notice.seconds))
 
 
+def print_version(ctx: click.Context, param, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from runner.version import package_version
+
+        click.echo(f"runner {package_version()}")
+        ctx.exit()
+
+
 @click.group(invoke_without_command=True)
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=print_version, help="Print the program's version and exit.")
 @click.option("--db", envvar="RUNNER_DB", default=None, metavar="URL",
               help="Queue database; else $RUNNER_DB, else sqlite:///runs/queue.sqlite. "
                    "A plain file path means a SQLite file there. "
@@ -448,19 +458,27 @@ def results(ctx, as_json, as_csv, by):
 def plot(ctx, out, curves_dir, by):
     """Sample-complexity figure (accuracy vs N per V, a line per model and config) and
     training curves."""
+    from runner.outputs import OutputError, check_file, check_folder, writing
     from runner.reporting.plot import sample_complexity, training_curves
 
     if not out.lower().endswith(".png"):
         raise BadInput(f"--out '{out}': the figure is written as PNG; name it *.png")
-    jobs = open_queue(ctx, readonly=True).jobs()
-    res = aggregate_by(jobs, by)
-    for note in res.notes:
-        click.echo(f"note: {note}", err=True)
+    curves_dir = curves_dir or Path(out).parent / "curves"
     try:
-        path = sample_complexity(res, out)
+        check_file(out, "--out")
+        check_folder(curves_dir, "--curves-dir")
+        jobs = open_queue(ctx, readonly=True).jobs()
+        res = aggregate_by(jobs, by)
+        for note in res.notes:
+            click.echo(f"note: {note}", err=True)
+        with writing(out, "--out"):  # each figure is written whole or not at all
+            path = sample_complexity(res, out)
+        with writing(curves_dir, "--curves-dir"):
+            curves = training_curves(jobs, curves_dir, res.by)
+    except OutputError as e:
+        raise BadInput(str(e)) from None
     except ValueError as e:
         raise click.ClickException(str(e)) from None
-    curves = training_curves(jobs, curves_dir or Path(out).parent / "curves", res.by)
     click.echo(f"wrote the sample-complexity figure: {path}")
     if curves:
         click.echo(f"wrote {len(curves)} training-curve figure(s) to {curves[0].parent}/")
@@ -604,6 +622,7 @@ def report(ctx, out, by):
     What was run, progress, the results table, the sample-complexity figure,
     training curves per (V, N), failures with their errors, every job.
     """
+    from runner.outputs import OutputError, check_file, writing
     from runner.reporting.report import write
 
     if not out.lower().endswith((".html", ".htm")):
@@ -611,8 +630,11 @@ def report(ctx, out, by):
     from runner.reporting.groups import GroupingError
 
     try:
-        path = write(open_queue(ctx), mask_url(ctx.obj["db"]), out, by)
-    except GroupingError as e:
+        check_file(out, "--out")
+        queue = open_queue(ctx, readonly=True)
+        with writing(out, "--out"):  # written whole or not at all
+            path = write(queue, mask_url(ctx.obj["db"]), out, by)
+    except (OutputError, GroupingError) as e:
         raise BadInput(str(e)) from None
     click.echo(f"wrote the report: {path} (open it in a browser)")
 
@@ -632,9 +654,14 @@ def export(ctx, tb_dir, follow, interval):
     Needs the tensorboard extra (pip install -e '.[tensorboard]'); view with
     `tensorboard --logdir DIR`.
     """
+    from runner.outputs import OutputError, check_folder, writing
     from runner.reporting.export import Exporter, MissingExtra
 
-    queue = open_queue(ctx)
+    try:
+        check_folder(tb_dir, "--tensorboard")
+    except OutputError as e:
+        raise BadInput(str(e)) from None
+    queue = open_queue(ctx, readonly=True)
     try:
         exporter = Exporter(tb_dir)
     except MissingExtra as e:
@@ -642,7 +669,11 @@ def export(ctx, tb_dir, follow, interval):
     try:
         while True:
             jobs = queue.jobs()
-            written = exporter.export(jobs)
+            try:
+                with writing(tb_dir, "--tensorboard"):
+                    written = exporter.export(jobs)
+            except OutputError as e:
+                raise BadInput(str(e)) from None
             click.echo(f"exported {sum(written.values())} new point(s) from {len(written)} "
                        f"job(s) to {tb_dir}")
             if not follow or not any(j["state"] in ("pending", "running") for j in jobs):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import re
-import tempfile
 from pathlib import Path
 
+from runner.outputs import folder_problem
 from trainer.config import CONF_DIR, FAMILIES, ConfigError, load_yaml, resolve
 from trainer.seeds import seq_len
 
@@ -35,8 +35,9 @@ def load_sweep(path: Path) -> dict:
     if not isinstance(sweep["study"], str) or not SAFE_NAME.match(sweep["study"]):
         raise SweepError(f"{where}: 'study' must be a plain name, got {sweep['study']!r}")
     attempts = sweep.setdefault("max_attempts", 3)
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        raise SweepError(f"{where}: 'max_attempts' must be an integer >= 1, got {attempts!r}")
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 1000:
+        raise SweepError(f"{where}: 'max_attempts' must be an integer from 1 to 1000, "
+                         f"got {attempts!r}")
     grid = sweep["grid"]
     if not isinstance(grid, dict) or set(grid) != set(AXES):
         raise SweepError(f"{where}: 'grid' must have exactly the keys {', '.join(AXES)}")
@@ -89,6 +90,24 @@ def parse_only(items: tuple[str, ...] | list[str], sweep: dict) -> dict[str, set
     return chosen
 
 
+# Config keys that each job's sweep coordinates set (trainer.config.resolve): an override
+# would give every job the same value under names that say otherwise.
+AXIS_KEYS = {"model.V": "V", "training.task_kwargs.V": "V",
+             "training.num_training_examples": "N", "model.family": "model", "seeds.run": "run"}
+
+
+def check_overrides(overrides: list[str], sweep: dict) -> None:
+    """Refuse a --set of a key that a sweep axis sets: point to --only instead."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        axis = AXIS_KEYS.get(key)
+        if axis:
+            shown = ", ".join(map(str, sweep["grid"][axis]))
+            raise SweepError(f"--set '{item}': {key} is set by the sweep axis {axis}; choose "
+                             f"with --only {axis}=VALUE among the sweep's values ({shown}), or "
+                             "give a sweep file with other values (--sweep)")
+
+
 def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[str],
              out_root: str) -> list[dict]:
     """Every selected job of the sweep, resolved, in the guide's order.
@@ -96,6 +115,7 @@ def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[st
     Folders are absolute (`out_root` resolved against the planner's working
     directory), so workers and tools started anywhere find the same files.
     """
+    check_overrides(overrides, sweep)
     rows = []
     grid = sweep["grid"]
     root = Path(out_root).expanduser().resolve()
@@ -135,15 +155,7 @@ def check_out_root(out_root: str) -> None:
         raise SweepError("--out-root must be a folder path")
     if ".." in Path(out_root).parts:
         raise SweepError(f"--out-root '{out_root}': '..' is not allowed")
-    path = Path(out_root).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        what = "is a file" if existing == path else f"is inside {existing}, which is a file"
-        raise SweepError(f"--out-root '{out_root}' {what}: give a folder")
-    # Try to make a folder there: permissions, read-only and pseudo filesystems, all at once.
-    try:
-        probe = Path(tempfile.mkdtemp(prefix=".plan-probe-", dir=existing))
-    except OSError as e:
-        raise SweepError(f"--out-root '{out_root}': cannot create folders in {existing}: "
-                         f"{e.strerror or e}") from None
-    probe.rmdir()
+    problem = folder_problem(out_root)
+    if problem:
+        raise SweepError(f"--out-root '{out_root}': {problem}"
+                         + ("; give a folder" if "is a file" in problem else ""))

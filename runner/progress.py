@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -119,7 +120,30 @@ def sweep_progress(jobs: list[dict], starts: dict[int, int],
     return {"steps_done": done, "steps_total": total, "jobs_left": len(left),
             "live_workers": workers, "work_seconds_left": None if unknown else seconds,
             "eta_seconds": eta, "rates": rates, "job_eta": job_eta,
-            "rates_measured": sum(1 for r in rates.values() if r)}
+            "rates_measured": sum(1 for r in rates.values() if r),
+            "failed_diverged": sum(1 for j in jobs if j["state"] == "failed" and diverged(j))}
+
+
+# The trainer's error for a loss that is no longer finite (trainer/train.py). Training is
+# seeded, so the same config diverges again at the same step: a requeue cannot help.
+_DIVERGED = re.compile(r"\bloss became (?:nan|-?inf)\b")
+
+
+def diverged(job: dict) -> bool:
+    """The job failed because its loss became NaN or infinite."""
+    return bool(_DIVERGED.search(job.get("error") or ""))
+
+
+def failed_advice(failed: int, diverged_count: int) -> str:
+    """What to do about `failed` jobs, `diverged_count` of them by a NaN or infinite loss."""
+    change = ("change the config (e.g. a smaller training.learning_rate): plan again as "
+              "before with --replace --set KEY=VALUE")
+    if not diverged_count:
+        return "requeue --failed"
+    if diverged_count == failed:
+        return f"their loss diverged (NaN), as it would again with the same config: {change}"
+    return (f"{diverged_count} of them diverged (NaN loss), as they would again with the same "
+            f"config: {change}; the others: requeue --failed")
 
 
 def _cost_per_step(job: dict) -> float:
@@ -132,7 +156,8 @@ def eta_line(p: dict, counts: dict[str, int]) -> str:
     if not p["jobs_left"]:
         if counts.get("failed"):
             return (head + f", nothing left to run but {counts['failed']} job(s) failed: "
-                    "see below, then requeue --failed")
+                    "see below, then "
+                    + failed_advice(counts["failed"], p.get("failed_diverged", 0)))
         return head + ", sweep finished"
     if p["work_seconds_left"] is None:
         if p["rates_measured"]:

@@ -39,6 +39,7 @@ GUARDS = "tests/test_guards.py"
 QUEUE = "tests/test_queue.py"
 OPERATIONS = "tests/test_operations.py"
 LIVENESS = "tests/test_liveness.py"
+SLURM = "tests/test_slurm.py"
 
 MUTANTS = [
     # --- trainer: scores, checkpoints, atomic writes, labels --------------------------------
@@ -193,6 +194,17 @@ MUTANTS = [
     Mutant("--gpu must be an index or cpu", "runner/worker.py",
            "    if not gpu.isdigit():\n", "    if False:\n",
            ("tests/test_bad_input.py", "-k", "gpu and sqlite")),
+    # --- runner.slurm: a worker's self-requeue -----------------------------------------------
+    Mutant("a cancelled SLURM launch is not requeued", "runner/worker.py",
+           'if self.queue.launch_cancelled("slurm", task.launch_id):', "if False:",
+           (SLURM, "-k", "cancel_mid")),
+    Mutant("a task SLURM is ending (scancel) is not requeued", "runner/worker.py",
+           'if state != "RUNNING":', "if False:",
+           (SLURM, "-k", "plain_scancel")),
+    Mutant("USR1 makes a worker hand back", "runner/worker.py",
+           "STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)",
+           "STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)",
+           (SLURM, "-k", "signals_clusters")),
 ]
 
 

@@ -50,6 +50,9 @@ RUNNER_CASES = [
                                                          "study: a/b")), "'study'"),
     ("max_attempts zero", lambda t: sweep(t, edited("max_attempts: 3", "max_attempts: 0")),
      "max_attempts"),
+    ("max_attempts past any database integer",
+     lambda t: sweep(t, edited("max_attempts: 3", "max_attempts: 99999999999999999999")),
+     "'max_attempts' must be an integer from 1 to 1000, got 99999999999999999999"),
     ("models entry without folder", lambda t: sweep(t, edited(
         "{tag: standard, folder: table_connectivity}", "{tag: standard}")), "models.gpt2"),
     ("sweep is a folder", lambda t: ["plan", "--sweep", str(t)], "is a directory"),
@@ -63,7 +66,23 @@ RUNNER_CASES = [
      "training.learning_rate"),
     ("--set inconsistent V", lambda t: ["plan", "--set", "training.task_kwargs.V=7"],
      "training.task_kwargs.V"),
+    ("--set a sweep axis", lambda t: ["plan", "--set", "model.V=7"],
+     "--set 'model.V=7': model.V is set by the sweep axis V; choose with --only V=VALUE among "
+     "the sweep's values (5, 20), or give a sweep file with other values (--sweep)"),
+    ("--set the data size", lambda t: ["plan", "--set", "training.num_training_examples=100"],
+     "is set by the sweep axis N; choose with --only N=VALUE"),
+    ("--set the run's seed", lambda t: ["plan", "--set", "seeds.run=9"],
+     "is set by the sweep axis run"),
     ("--only without =", lambda t: ["plan", "--only", "V"], "--only 'V'"),
+    ("--set past any database integer",
+     lambda t: ["plan", "--set", "training.train_steps=99999999999999999999"],
+     "'training.train_steps' must fit in 64 bits (below 2**63 in size), "
+     "got 99999999999999999999"),
+    ("--set a negative integer past 64 bits",
+     lambda t: ["plan", "--set", "seeds.pool=-99999999999999999999"], "'seeds.pool' must fit"),
+    ("--set an infinite learning rate",
+     lambda t: ["plan", "--set", "training.learning_rate=.inf"],
+     "'training.learning_rate' must be a finite number, got inf"),
     ("empty --out-root", lambda t: ["plan", "--out-root", ""], "--out-root"),
     ("unknown option", lambda t: ["plan", "--bogus"], "--bogus"),
     ("unknown command", lambda t: ["frobnicate"], "frobnicate"),
@@ -73,6 +92,18 @@ RUNNER_CASES = [
     ("--gpu not a number", lambda t: ["worker", "--gpu", "first"], "--gpu 'first'"),
     ("--watch with --json", lambda t: ["status", "--json", "--watch", "2"], "--watch"),
     ("figure not PNG", lambda t: ["plot", "--out", str(t / "figure.pdf")], "PNG"),
+    # Outputs that cannot be written (as root too): refused before any work.
+    ("report into /proc", lambda t: ["report", "--out", "/proc/r.html"],
+     "--out '/proc/r.html': cannot write in /proc: No such file or directory"),
+    ("figure inside a file", lambda t: ["plot", "--out", write(t, "a-file", "") + "/x.png"],
+     "/a-file/x.png': it is inside "),
+    ("curves inside a file", lambda t: ["plot", "--out", str(t / "x.png"), "--curves-dir",
+                                        write(t, "a-file", "") + "/curves"],
+     "--curves-dir '"),
+    ("figure into /sys", lambda t: ["plot", "--out", "/sys/x.png"],
+     "--out '/sys/x.png': cannot write in /sys"),
+    ("TensorBoard folder in /proc", lambda t: ["export", "--tensorboard", "/proc/tb"],
+     "--tensorboard '/proc/tb': cannot write in /proc"),
     ("logs of an unknown job", lambda t: ["logs", "no_such_job"], "no_such_job"),
 ]
 
@@ -81,8 +112,11 @@ RUNNER_CASES = [
 def test_runner_bad_input_exits_2_with_one_line_and_changes_nothing(planned, tmp_path, label,
                                                                     args, message):
     before = digest(planned)
-    assert message in refused_line(cli(planned, *args(tmp_path)))
+    args = args(tmp_path)
+    files = sorted(tmp_path.rglob("*"))
+    assert message in refused_line(cli(planned, *args))
     assert digest(planned) == before
+    assert sorted(tmp_path.rglob("*")) == files   # no output, not even half of one
 
 
 def config_file(t: Path, change=None, text: str | bytes | None = None) -> list[str]:
@@ -127,6 +161,11 @@ TRAINER_CASES = [
     ("config too few positions", lambda t: config_file(t, _set("model.n_positions", 10)),
      "model.n_positions"),
     ("config negative seed", lambda t: config_file(t, _set("seeds.pool", -1)), "seeds.pool"),
+    ("config steps past 64 bits", lambda t: config_file(t, _set("training.train_steps", 2**64)),
+     "'training.train_steps' must fit in 64 bits"),
+    ("config infinite rho", lambda t: config_file(t, _set("training.task_kwargs.rho",
+                                                          float("inf"))),
+     "'training.task_kwargs.rho' must be a finite number"),
     ("config unknown task", lambda t: config_file(t, _set("training.task", "sorting")),
      "training.task"),
     ("trainer unknown family", lambda t: ["--family", "bert"], "bert"),
@@ -184,3 +223,26 @@ def test_unusable_database_url_exits_2_with_one_line(tmp_path, label, url, messa
     assert message in line
     assert ":pw@" not in line and "ss@" not in line   # the password stays masked
     assert {p: _file_digest(p) for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
+@pytest.mark.parametrize("bad", ["training.train_steps=99999999999999999999",
+                                 "training.learning_rate=1e400",
+                                 "model.n_embd=-99999999999999999999"])
+def test_a_value_out_of_range_is_refused_before_the_queue_file_is_made(tmp_path, bad):
+    db = tmp_path / "queue" / "q.sqlite"
+    refused_line(cli(f"sqlite:///{db}", "plan", "--profile", "smoke", "--set", bad,
+                     "--out-root", str(tmp_path / "runs")))
+    assert list(tmp_path.iterdir()) == []   # no queue file, no folder
+
+
+
+def test_the_claims_benchmark_refuses_a_real_queue_and_deletes_nothing(planned):
+    """bench/claims.py empties the database it is given: a real queue is refused."""
+    before = digest(planned)
+    proc = subprocess.run([PYTHON, "bench/claims.py", "--db", planned, "--processes", "1",
+                           "--jobs", "5", "--makespan-seconds", "0.5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    line = refused_line(proc)
+    assert "holds 30 jobs, 30 events: the benchmark deletes every job and event" in line
+    assert line.endswith("or pass --i-know-this-deletes")
+    assert digest(planned) == before

@@ -4,6 +4,7 @@ database unchanged), help, output formats, database URLs, runs folders."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_requeue_takes_a_unique_part_of_a_name(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--out-root", "{tmp}/a-file"], "is a file"),
     (["--out-root", "{tmp}/a-file/runs"], "which is a file"),
-    (["--out-root", "/proc/runs"], "cannot create folders in /proc"),
+    (["--out-root", "/proc/runs"], "cannot write in /proc"),
 ])
 def test_plan_refuses_a_runs_folder_jobs_cannot_write(tmp_path, args, message):
     (tmp_path / "a-file").write_text("not a folder")
@@ -148,6 +149,7 @@ def test_plan_refuses_a_runs_folder_jobs_cannot_write(tmp_path, args, message):
 
 @pytest.mark.parametrize("url, message", [
     ("sqlite://tmp/x.sqlite", "sqlite:///tmp/x.sqlite"),
+    ("sqlite://q.sqlite", "write sqlite:///q.sqlite (three slashes"),  # no folder: no /None
     ("sqlite://{tmp}/x.sqlite", "a SQLite URL has no host"),
 ])
 def test_a_sqlite_url_one_slash_short_is_refused_and_creates_nothing(tmp_path, url, message):
@@ -191,3 +193,44 @@ def test_make_workers_gives_each_worker_its_log_and_a_share_of_the_cores(tmp_pat
     for log in logs.iterdir():
         assert "nothing left to claim" in log.read_text()
     assert JobQueue(connect(url)).counts()["succeeded"] == 6
+
+
+def test_version_is_the_package_version():
+    proc = cli("sqlite:///unused.sqlite", "--version")
+    assert proc.returncode == 0, proc.stderr
+    version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    assert proc.stdout == f"runner {version}\n"
+    assert not (ROOT / "unused.sqlite").exists()
+
+
+def test_trainer_help_shows_each_example_on_its_own_line():
+    proc = subprocess.run([PYTHON, "-m", "trainer", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr
+    examples = [line.strip() for line in proc.stdout.splitlines()
+                if line.strip().startswith("python -m trainer")]
+    assert examples == [
+        "python -m trainer --family gpt2 --V 5 --N 256 --run 1 --profile smoke --out runs/debug",
+        "python -m trainer --config runs/table_connectivity/<name>/config.yaml --out runs/debug"]
+
+
+def test_a_config_that_diverges_is_advised_a_config_change_not_a_requeue(tmp_path):
+    """A NaN loss comes back on a requeue (training is seeded): status says to change the
+    config instead. A real worker trains with a learning rate that diverges at once."""
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    assert cli(url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
+               "--only", "model=gpt2", "--only", "run=1", "--set", "training.learning_rate=1e30",
+               "--set", "training.train_steps=5", "--out-root",
+               str(tmp_path / "runs")).returncode == 0
+    worker = cli(url, "worker", "--gpu", "cpu", "--threads", "1")
+    assert worker.returncode == 1 and "loss became nan" in worker.stderr
+    status = cli(url, "status").stdout.splitlines()
+    assert status[1].endswith(
+        "nothing left to run but 1 job(s) failed: see below, then their loss diverged (NaN), "
+        "as it would again with the same config: change the config (e.g. a smaller "
+        "training.learning_rate): plan again as before with --replace --set KEY=VALUE")
+    from runner.progress import failed_advice
+
+    assert failed_advice(3, 1).endswith("; the others: requeue --failed")
+    assert failed_advice(3, 0) == "requeue --failed"
+

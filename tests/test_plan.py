@@ -4,6 +4,7 @@ changed config reported once, with its keys, and applied only on request."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -119,3 +120,21 @@ def test_replace_applies_the_change_and_keeps_the_old_folders(tmp_path):
     again = cli(url, "plan", *ONE_CELL, "--out-root", str(runs), "--set",
                 "training.train_steps=40", "--replace")
     assert "0 new, 5 already queued" in again.stdout and running in again.stderr
+
+
+@pytest.mark.parametrize("args", [["plan", *ONE_CELL, "--out-root", "{tmp}/runs"],
+                                  ["worker", "--gpu", "cpu"]], ids=["plan", "worker"])
+def test_a_sqlite_file_of_another_program_gets_no_queue_tables(tmp_path, args):
+    """As status refuses to read it, plan (and a worker) refuse to write into it."""
+    from tests.test_readonly import folder_digest, unrelated_database
+
+    db = tmp_path / "data.sqlite"
+    unrelated_database(db)   # a `notes` table
+    before = folder_digest(tmp_path)
+    line = refused_line(cli(f"sqlite:///{db}", *[a.format(tmp=tmp_path) for a in args]))
+    assert "is not a queue database (it holds other tables: notes)" in line
+    assert folder_digest(tmp_path) == before   # byte-identical: no table, no WAL switch
+    conn = sqlite3.connect(db)
+    assert [t for (t,) in conn.execute("SELECT name FROM sqlite_master")] == ["notes"]
+    conn.close()
+    assert not (tmp_path / "runs").exists()

@@ -1,15 +1,22 @@
-"""Commands that only look (status, results, plot, logs) never write and never wait on writers."""
+"""Commands that only look (status, results, plot, logs) never write and never wait on writers,
+and read a queue on read-only media."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect
 
+from db import JobQueue, connect
+from runner.reporting.serve import open_readonly
 from tests.conftest import cli, new_pg_database, refused_line
+from tests.test_outages import METRICS, skip_or_fail
 
 LOOKING = [["status"], ["status", "--json"], ["results"], ["results", "--csv"],
            ["plot", "--out", "{tmp}/figure.png"], ["logs", "run1"]]
@@ -68,3 +75,107 @@ def test_status_answers_at_once_while_another_process_writes(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "pending 30" in proc.stdout
     assert elapsed < 15  # it used to wait the writers' 60 s busy timeout
+
+
+def mount(*args: str) -> None:
+    proc = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        skip_or_fail(f"mount {' '.join(args)}: {(proc.stderr or proc.stdout).strip()}")
+
+
+@pytest.fixture(scope="module")
+def archived(tmp_path_factory):
+    """An archived sweep: a queue (one job finished, with its log and metrics) on a tmpfs
+    remounted read-only, as on a read-only share or disc; (URL, the finished job's name)."""
+    disk = tmp_path_factory.mktemp("archive")
+    mount("-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk))
+    try:
+        url = f"sqlite:///{disk / 'queue.sqlite'}"
+        proc = cli(url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
+                   "--out-root", str(disk / "runs"))
+        assert proc.returncode == 0, proc.stderr
+        queue = JobQueue(connect(url))
+        claim = queue.claim("w", 60)
+        queue.finish(claim, METRICS)
+        queue.engine.dispose()   # the last connection gone: no -wal or -shm file is left
+        folder = Path(claim.out_dir)
+        folder.mkdir(parents=True)
+        (folder / "train.log").write_text("attempt 1\nstep 1/30\n")
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 0.5}) + "\n")
+        (folder / "eval.json").write_text(json.dumps(METRICS))
+        mount("-o", "remount,ro", str(disk))
+        yield url, claim.name
+    finally:
+        umount(disk)
+
+
+ARCHIVE_LOOKS = [
+    (["status"], "succeeded 1"),
+    (["status", "--json"], '"succeeded": 1'),
+    (["results", "--csv"], ",0.75,"),
+    (["plot", "--out", "{tmp}/figure.png"], "wrote the sample-complexity figure"),
+    (["report", "--out", "{tmp}/report.html"], "wrote the report"),
+    (["logs", "{name}"], "attempt 1\nstep 1/30\n"),
+    (["export", "--tensorboard", "{tmp}/tb"], "exported 1 new point(s) from 1 job(s)"),
+]
+
+
+@pytest.mark.parametrize("args, expected", ARCHIVE_LOOKS,
+                         ids=[" ".join(args[:2]) for args, _ in ARCHIVE_LOOKS])
+def test_an_archived_queue_on_read_only_media_can_be_looked_at(archived, tmp_path, args,
+                                                               expected):
+    url, name = archived
+    proc = cli(url, *[a.format(tmp=tmp_path, name=name) for a in args])
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stdout
+
+
+def test_the_dashboard_reads_an_archived_queue(archived):
+    url, name = archived
+    queue = open_readonly(url)   # how `serve` opens it, for every request
+    assert queue.counts()["succeeded"] == 1
+    assert {j["name"] for j in queue.jobs() if j["state"] == "succeeded"} == {name}
+    queue.engine.dispose()
+
+
+@pytest.mark.parametrize("args", [["requeue", "--failed"], ["worker", "--gpu", "cpu"]],
+                         ids=" ".join)
+def test_a_command_that_writes_says_the_archive_is_read_only(archived, args):
+    url, _ = archived
+    line = refused_line(cli(url, *args))
+    assert "cannot write to the queue" in line and "read-only file system" in line
+    assert "cannot reach" not in line
+
+
+@pytest.mark.parametrize("args", [["plot", "--out", "{archive}/figure.png"],
+                                  ["plot", "--out", "{tmp}/f.png", "--curves-dir", "{archive}/c"],
+                                  ["report", "--out", "{archive}/report.html"],
+                                  ["export", "--tensorboard", "{archive}/tb"]],
+                         ids=" ".join)
+def test_an_output_on_read_only_media_is_refused_in_one_line(archived, tmp_path, args):
+    url, _ = archived
+    archive = Path(url.removeprefix("sqlite:///")).parent
+    line = refused_line(cli(url, *[a.format(archive=archive, tmp=tmp_path) for a in args]))
+    assert f"cannot write in {archive}: Read-only file system" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def umount(folder) -> None:
+    if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("args", [["plot", "--out", "{disk}/figure.png"],
+                                  ["report", "--out", "{disk}/report.html"]], ids=" ".join)
+def test_an_output_that_fills_the_disk_leaves_nothing_half_written(archived, tmp_path, args):
+    url, _ = archived
+    disk = tmp_path / "small"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk))   # smaller than either file
+    try:
+        line = refused_line(cli(url, *[a.format(disk=disk) for a in args]))
+        assert "No space left on device" in line
+        assert list(disk.iterdir()) == []   # neither the file nor a temp file
+    finally:
+        umount(disk)
+

@@ -1,5 +1,6 @@
 """Run one job by hand, for debugging.
 
+\b
     python -m trainer --family gpt2 --V 5 --N 256 --run 1 --profile smoke --out runs/debug
     python -m trainer --config runs/table_connectivity/<name>/config.yaml --out runs/debug
 

@@ -10,6 +10,7 @@ names the file, key or value at fault.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FAMILIES = ("gpt2", "lowrank_gpt2")
 PROFILES = ("full", "smoke", "small")
 PRECISIONS = ("fp32", "tf32", "bf16")  # fp32: the study as run; tf32, bf16: opt-in, for GPUs
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class ConfigError(ValueError):
@@ -198,9 +200,16 @@ def _check_types(config: Any, schema: dict, prefix: str = "") -> None:
         elif kind is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ConfigError(f"config: '{dotted}' must be a number, got {value!r}")
+            if not math.isfinite(value):  # .inf passes `> 0`; NaN fails every comparison
+                raise ConfigError(f"config: '{dotted}' must be a finite number, got {value!r}")
         elif kind is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"config: '{dotted}' must be an integer, got {value!r}")
+            # The queue's columns (and torch) hold 64-bit integers; a larger one would fail
+            # only when written, after the queue file was made.
+            if not INT64_MIN <= value <= INT64_MAX:
+                raise ConfigError(f"config: '{dotted}' must fit in 64 bits (below 2**63 in "
+                                  f"size), got {value!r}")
         elif kind is OptionalStr:
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"config: '{dotted}' must be a string or null, got {value!r}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from runner.reporting.groups import group_of, label
 from runner.reporting.results import MODEL_LABELS, Results, run_lines
+from trainer.atomic import write_atomic
 from trainer.files import read_metrics
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
@@ -48,8 +49,7 @@ def sample_complexity(results: Results, out: str | Path) -> Path:
     """Write the sample-complexity figure (see sample_complexity_figure) to `out` (PNG)."""
     fig = sample_complexity_figure(results)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    write_atomic(out, lambda f: fig.savefig(f, format="png"))  # whole or absent
     return out
 
 
@@ -171,8 +171,7 @@ def training_curves(jobs: list[dict], out_dir: str | Path, by: list[str] = ()) -
     written = []
     for (V, N), fig in curves_figures(jobs, by):
         path = out_dir / f"curves_V{V}_N{N}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
+        write_atomic(path, lambda f, fig=fig: fig.savefig(f, format="png"))  # whole or absent
         written.append(path)
     return written
 

@@ -34,6 +34,7 @@ from runner.reporting.views import (
     worker_claims,
 )
 from runner.status import snapshot
+from trainer.atomic import write_bytes_atomic
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", "DejaVu Sans", sans-serif;
@@ -190,8 +191,5 @@ def build(queue, queue_label: str, by: tuple[str, ...] = ()) -> str:
 def write(queue, queue_label: str, out: str | Path, by: tuple[str, ...] = ()) -> Path:
     page = build(queue, queue_label, by)  # first: a refused --by leaves nothing behind
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
+    write_bytes_atomic(out, page.encode("utf-8"))
     return out
