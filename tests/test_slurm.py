@@ -264,24 +264,36 @@ def test_at_the_time_limit_workers_hand_back_and_requeue_themselves(env, tmp_pat
     queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
                  "--only", "model=gpt2", "--set", "training.train_steps=20000",
                  "--set", "training.save_every_steps=20")
-    # The stop signal comes 40 s before the 1-minute limit: ~20 s of each run trains.
-    job_id = submit(env, "--workers", "1", "--time", "1", "--grace", "40")
-    [name] = [j["name"] for j in queue.jobs()]
-    wait_releasing(env, job_id, lambda: any(w["slurm_restarts"] for w in queue.workers()), 240,
-                   "the task to come back after its time limit")
+    # The stop signal comes 30 s before the 1-minute limit: ~30 s of each run trains.
+    job_id = submit(env, "--workers", "1", "--time", "1", "--grace", "30")
+    [job] = queue.jobs()
+
+    def resumed_after_a_hand_back() -> bool:
+        """A release (the job handed back at the signal), then a claim by the task SLURM
+        restarted, which trained on from the released step. (A signal that comes while a
+        worker still starts up stops it before it claims: that run releases nothing.)"""
+        events = queue.events(job["id"])
+        release = next((e for e in events if e["kind"] == "release"), None)
+        if release is None:
+            return False
+        step = json.loads(release["detail"])["step"]
+        later = [e for e in events if e["kind"] == "claim" and e["id"] > release["id"]]
+        return step > 0 and bool(later) and step_of(queue, job["name"]) > step
+
+    # SLURM's own delay before a requeued task starts again (~2 minutes), not skipped here:
+    # a task started early by `scontrol update StartTime=now` gets its time-limit signal
+    # within seconds (seen with SLURM 22.05), before a worker on a busy machine claims.
+    wait_for(resumed_after_a_hand_back, 420,
+             "the job handed back at the limit and resumed by the requeued task")
     logs = slurm_logs(tmp_path, job_id)
     assert "SIGTERM: stopping after the current step" in logs, logs
     assert f"SLURM task {job_id}_0 requeued" in logs, logs
-    first_stop = step_of(queue, name)
-    assert first_stop > 0
-    # Requeued and restarted: the job resumes from its checkpoint, same attempt.
-    wait_releasing(env, job_id, lambda: step_of(queue, name) > first_stop, 240,
-                   "the resumed job to progress")
-    assert run(env, "cancel", name).returncode == 0  # enough: the cycle is proven
+    assert any(w["slurm_restarts"] for w in queue.workers())
+    assert run(env, "cancel", job["name"]).returncode == 0  # enough: the cycle is proven
     wait_releasing(env, job_id, lambda: not array_tasks(env, job_id), 200, "the array to end")
     [job] = queue.jobs()
-    assert job["state"] == "cancelled"
-    assert job["claims"] >= 2
+    assert job["state"] == "cancelled" and job["claims"] >= 2
+    assert job["attempts"] <= 1  # hand-backs at the limit gave their attempts back
 
 
 def test_slurm_cancel_mid_job_loses_nothing(env, tmp_path):
