@@ -20,7 +20,7 @@ RUNNER  := $(PY) -m runner $(if $(DB),--db '$(DB)')
 
 .DEFAULT_GOAL := help
 .PHONY: help install plan worker workers slurm status requeue cancel pause resume results plot \
-        report serve test lint demo clean-demo
+        report serve test lint demo clean-demo study-cpu
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -112,3 +112,18 @@ demo: $(STAMP) ## the whole smoke sweep on CPU: plan, 2 workers, status, results
 	@echo ""
 	@echo "Open runs/demo/report.html in a browser, or the live dashboard of this queue:"
 	@echo "  make serve DB=$(DEMO_DB)    then http://127.0.0.1:8765/"
+
+STUDY_CPU_DB := sqlite:///runs/study-cpu/queue.sqlite
+STUDY_CPU    := $(PY) -m runner --db $(STUDY_CPU_DB)
+
+# Not wiped first: run it again after a stop and it resumes where it stopped.
+study-cpu: $(STAMP) ## the 60-job sweep at the cpu profile, 2 CPU workers (~1 hour on 2 cores)
+	mkdir -p runs/study-cpu
+	$(STUDY_CPU) plan --profile cpu --out-root runs/study-cpu
+	$(STUDY_CPU) worker --gpu cpu --threads 1 >> runs/study-cpu/worker-1.log 2>&1 & \
+	$(STUDY_CPU) worker --gpu cpu --threads 1 >> runs/study-cpu/worker-2.log 2>&1 & \
+	wait
+	$(STUDY_CPU) status
+	$(STUDY_CPU) results
+	$(STUDY_CPU) plot --out runs/study-cpu/sample_complexity.png
+	$(STUDY_CPU) report --out runs/study-cpu/report.html

@@ -20,7 +20,10 @@ It prints one table (markdown):
     or their max abs difference;
   * the whole 60-job sweep's wall time at fp32 projected from the measured times (1001 steps,
     11 evaluations, 11 checkpoint copies and the set-up per job), one worker and two workers
-    sharing the GPU, against the goal of 10 minutes on one H100.
+    sharing the GPU, against the goal of 10 minutes on one H100;
+  * the cpu profile (conf/profiles/cpu.yaml, the reduced study of `make study-cpu`): its fp32
+    seconds per step on the device and its 60-job sweep's wall time projected the same way,
+    one worker, so a user with this GPU can choose between the two profiles.
 Progress goes to stderr; the table to stdout.
 """
 
@@ -45,7 +48,7 @@ import torch  # noqa: E402
 
 from bench.trainer import Job, device_name, time_job_extras  # noqa: E402
 from trainer import checkpoint as ckpt  # noqa: E402
-from trainer.config import load_config  # noqa: E402
+from trainer.config import load_config, resolve  # noqa: E402
 from trainer.data import embed  # noqa: E402
 from trainer.files import read_metrics  # noqa: E402
 from trainer.train import (  # noqa: E402
@@ -61,6 +64,8 @@ VS = (5, 20)
 CONFIGS = [(f, v) for f in FAMILIES for v in VS]
 PRECISIONS = ("fp32", "tf32", "bf16")
 SWEEP_JOBS_PER_CONFIG = 15  # 5 N x 3 runs for each (model, V)
+FULL_JOB_COUNTS = (1001, 11, 11)  # steps, evaluations, states of a full-profile job
+CPU_PROFILE = "cpu"         # the reduced study of `make study-cpu`
 GOAL_S = 600                # the full 60-run sweep in 10 minutes on one H100
 
 
@@ -75,8 +80,10 @@ def python_env() -> dict:
 # --- step times ------------------------------------------------------------------------------
 
 
-def timed_job(family: str, V: int, args, precision: str) -> tuple[Job, float, float]:
-    """A job set up as the trainer does; seconds of its set-up and per step after the warm-up."""
+def timed_job(family: str, V: int, args, precision: str,
+              profile: str | None = None) -> tuple[Job, float, float]:
+    """A job set up as the trainer does (at --profile unless `profile` says otherwise); seconds
+    of its set-up and per step after the warm-up."""
     dev = torch.device(args.dev)
 
     def forward(x):
@@ -85,7 +92,7 @@ def timed_job(family: str, V: int, args, precision: str) -> tuple[Job, float, fl
 
     with float32_matmuls(precision, dev):
         start = time.perf_counter()
-        job = Job(family, V, args.profile, dev)
+        job = Job(family, V, profile or args.profile, dev)
         setup_s = time.perf_counter() - start - job.pool_s  # Job builds the pool twice
         for _ in range(args.warmup):
             job.step(forward)
@@ -114,6 +121,21 @@ def measure_steps(args) -> dict:
                 r["eval"], r["copy"] = extras["eval"], extras["copy"]
             say(f"  {family} V={V} {precision}: {step_s:.4f} s/step")
             del job
+    return out
+
+
+def measure_cpu_profile(args) -> dict:
+    """The cpu profile at fp32 on this device: seconds per step, set-up, one evaluation, one
+    checkpoint copy, and its job's counts (steps, evaluations, states) for the projection."""
+    out = {}
+    for family, V in CONFIGS:
+        job, setup_s, step_s = timed_job(family, V, args, "fp32", profile=CPU_PROFILE)
+        extras = time_job_extras(job)
+        out[family, V] = {"step": step_s, "setup": setup_s, "eval": extras["eval"],
+                          "copy": extras["copy"],
+                          "counts": (extras["steps"], extras["evals"], extras["states"])}
+        say(f"  {family} V={V} cpu profile fp32: {step_s:.4f} s/step")
+        del job
     return out
 
 
@@ -287,13 +309,14 @@ def resume_check(args, tmp: Path) -> dict:
 # --- the table -------------------------------------------------------------------------------
 
 
-def job_seconds(r: dict) -> float:
-    """One sweep job (1001 steps at the full profile) from measured parts."""
-    steps, evals, states = 1001, 11, 11
+def job_seconds(r: dict, counts: tuple[int, int, int] = FULL_JOB_COUNTS) -> float:
+    """One sweep job (by default 1001 steps at the full profile) from measured parts."""
+    steps, evals, states = counts
     return r["setup"] + steps * r["step"] + evals * r["eval"] + states * r["copy"]
 
 
-def table(args, versions: dict, steps: dict, shared: dict, resume: dict, compiled: dict) -> str:
+def table(args, versions: dict, steps: dict, shared: dict, resume: dict, compiled: dict,
+          cpu_profile: dict) -> str:
     cols = [f"{'gpt2' if f == 'gpt2' else 'lowrank'} V={v}" for f, v in CONFIGS]
     rows = [("check", *cols), ("---",) * (len(cols) + 1)]
 
@@ -344,7 +367,24 @@ def table(args, versions: dict, steps: dict, shared: dict, resume: dict, compile
     one("goal: 60-job sweep <= 10 min on one H100",
         (("met" if best <= GOAL_S else "not met") + f" ({best / 60:.1f} min)")
         if args.profile == "full" and args.device == "cuda" else "not checked (dry run)")
+    steps_cpu, evals_cpu, states_cpu = cpu_profile[CONFIGS[0]]["counts"]
+    rows.append((f"s/step fp32 at the cpu profile (make study-cpu: {cpu_profile_shape()})",
+                 *[f"{cpu_profile[c]['step']:.4f}" for c in CONFIGS]))
+    sweep_cpu = sum(SWEEP_JOBS_PER_CONFIG * job_seconds(cpu_profile[c], cpu_profile[c]["counts"])
+                    for c in CONFIGS)
+    one(f"60-job sweep at the cpu profile fp32, projected: one worker (set-up + {steps_cpu} "
+        f"steps + {evals_cpu} evals + {states_cpu} ckpt copies per job)",
+        f"{sweep_cpu / 60:.1f} min" + ("" if args.device == "cuda" else
+                                       " (this CPU, 1 thread: a dry run)"))
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def cpu_profile_shape() -> str:
+    """The cpu profile's size in a few words, read from its config."""
+    cfg = resolve("gpt2", 5, 4096, 1, CPU_PROFILE)
+    m, t = cfg["model"], cfg["training"]
+    return (f"width {m['n_embd']}, {m['n_layer']} layers, batch {t['batch_size']}, "
+            f"{t['train_steps']} steps")
 
 
 def main() -> None:
@@ -392,9 +432,11 @@ def main() -> None:
         steps = measure_steps(args)
         say("two processes side by side ...")
         shared = measure_shared(args, tmp)
+        say("the cpu profile ...")
+        cpu_profile = measure_cpu_profile(args)
         say("torch.compile ...")
         compiled = measure_compiled(args, started + args.compile_budget)
-    print(table(args, versions, steps, shared, resume, compiled))
+    print(table(args, versions, steps, shared, resume, compiled, cpu_profile))
     print(f"\n({time.monotonic() - started:.0f} s in all; {args.device})")
 
 

@@ -28,6 +28,14 @@ def test_gpu_check_dry_run_on_cpu():
                   "60-job sweep fp32, projected: one worker",
                   "60-job sweep fp32, projected: two workers sharing the device"):
         assert label in labels, label
+    # The cpu profile (make study-cpu): its steps timed, its sweep projected from its own counts.
+    (cpu_steps,) = [line for line in table if line.startswith("| s/step fp32 at the cpu profile")]
+    assert "width 64, 4 layers, batch 64, 1500 steps" in cpu_steps
+    assert all(float(cell) > 0 for cell in cpu_steps.strip("| ").split(" | ")[1:])
+    (cpu_sweep,) = [line for line in table
+                    if line.startswith("| 60-job sweep at the cpu profile fp32, projected")]
+    assert "(set-up + 1500 steps + 7 evals + 4 ckpt copies per job)" in cpu_sweep
+    assert " min (this CPU, 1 thread: a dry run) |" in cpu_sweep
     (compiled,) = [line for line in table if line.startswith("| s/step fp32 under torch.compile")]
     assert compiled.count("skipped") == 4  # --compile-budget 0: nothing compiled
     # On the CPU, deterministic and single-threaded, the resumed run is bit-identical.

@@ -230,11 +230,11 @@ def test_lowrank_layers_0_1_keep_groups_apart():
 # The layer counts of every profile, read from conf/, and one layer: each takes its own branch
 # of the structured forward (lowrank: 1-2 layers are all block diagonal).
 PROFILE_LAYERS = sorted({resolve("gpt2", 5, 256, 1, p)["model"]["n_layer"]
-                         for p in ("full", "smoke", "small")} | {1})
+                         for p in ("full", "smoke", "small", "cpu")} | {1})
 
 
 def test_profile_layer_counts():
-    assert PROFILE_LAYERS == [1, 2, 3, 12]
+    assert PROFILE_LAYERS == [1, 2, 3, 4, 12]
 
 
 def _float64_model(c: dict):

@@ -41,8 +41,9 @@ RUNNER_COMMANDS = sorted(set(re.findall(r"python -m runner (?:--db \S+ )?([a-z]+
 # `make X` in code: in backticks, or anywhere on a code block's line (comments included);
 # prose ("... may make it worth ...") is not a command.
 CODE_LINES = "\n".join(line for line in README.splitlines() if line.startswith("    "))
-MAKE_TARGETS = sorted(set(re.findall(r"`make ([a-z]+)\b", README))
-                      | set(re.findall(r"\bmake ([a-z]+)\b", CODE_LINES)))
+TARGET = r"([a-z](?:[a-z-]*[a-z])?)"  # hyphens inside: study-cpu
+MAKE_TARGETS = sorted(set(re.findall(r"`make " + TARGET + r"\b", README))
+                      | set(re.findall(r"\bmake " + TARGET + r"\b", CODE_LINES)))
 
 
 def test_readme_runner_commands_exist():
