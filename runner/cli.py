@@ -754,11 +754,17 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
         worker_args=["--lease", f"{lease:g}"] if lease else [])
     logs = Path(logs or Path(pending[0]["out_dir"]).parents[1] / "logs").resolve()
     try:
+        nodes = array.partition_nodes(partition) if shutil.which("sinfo") else 1
+    except array.SlurmError as e:
+        if not dry_run:
+            raise BadInput(str(e)) from None
+        # A script may be previewed where no cluster answers (a laptop, say).
+        click.echo(f"note: the partition was not checked ({e})", err=True)
+        nodes = 1
+    try:
         if not dry_run:
             array.sbatch_path()
-        if shutil.which("sinfo"):
-            array.check_multi_node(url, sorted({j["out_dir"] for j in pending}),
-                                    array.partition_nodes(partition))
+        array.check_multi_node(url, sorted({j["out_dir"] for j in pending}), nodes)
     except array.SlurmError as e:
         raise BadInput(str(e)) from None
     if dry_run:

@@ -149,6 +149,19 @@ def test_dry_run_script_for_cpu_workers_has_no_gpu_request(env, tmp_path):
                          "worker --gpu cpu")
 
 
+def test_a_dry_run_where_no_cluster_answers_still_shows_the_script(env, tmp_path):
+    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    nowhere = {**env, "SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
+    proc = run(nowhere, "slurm", "submit", "--workers", "2", "--cpu", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].endswith("worker --gpu cpu")
+    [note] = proc.stderr.strip().splitlines()
+    assert note.startswith("note: the partition was not checked (sinfo: ") and \
+        "sinfo: sinfo:" not in note, note
+    assert refused_line(run(nowhere, "slurm", "submit", "--workers", "2", "--cpu")).startswith(
+        "error: sinfo: ")
+
+
 def test_multi_node_partitions_need_postgresql_and_shared_folders(env, tmp_path,
                                                                    pg_server_url):
     from tests.conftest import new_pg_database

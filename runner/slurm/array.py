@@ -127,7 +127,7 @@ def _run(cmd: list[str], what: str, timeout: float = 60) -> str:
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [
             f"exit status {proc.returncode}"]
-        raise SlurmError(f"{what}: {tail[0]}")
+        raise SlurmError(f"{what}: {tail[0].removeprefix(what + ': ')}")
     return proc.stdout
 
 
