@@ -234,7 +234,8 @@ def test_an_array_runs_a_smoke_slice_each_worker_on_its_own_gpu(env, tmp_path):
     assert [(w["slurm_array"], w["gpus"], w["slurm_restarts"], w["state"]) for w in workers] == [
         (f"{job_id}_0", "0", 0, "exited"), (f"{job_id}_1", "1", 0, "exited")]
     assert all(w["slurm_job_id"].isdigit() for w in workers)
-    assert {j["worker"] for j in jobs} == {w["name"] for w in workers}
+    # Smoke jobs take a second: one worker may run both before the other starts.
+    assert {j["worker"] for j in jobs} <= {w["name"] for w in workers}
     [launch] = queue.launches("slurm")
     assert (launch["job_id"], launch["tasks"]) == (job_id, 2)
     assert Path(launch["script"]).read_text().startswith("#!/bin/bash")
@@ -245,7 +246,7 @@ def test_an_array_runs_a_smoke_slice_each_worker_on_its_own_gpu(env, tmp_path):
 
 def test_preempted_workers_hand_back_and_resume_bit_identically(env, tmp_path):
     queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
-                 "--set", "training.train_steps=400", "--set", "training.save_every_steps=20")
+                 "--set", "training.train_steps=2000", "--set", "training.save_every_steps=20")
     job_id = submit(env, "--workers", "2")
     names = [j["name"] for j in queue.jobs()]
     wait_for(lambda: all(step_of(queue, n) >= 40 for n in names), 240, "both jobs training")
@@ -259,8 +260,8 @@ def test_preempted_workers_hand_back_and_resume_bit_identically(env, tmp_path):
     wait_for(lambda: not array_tasks(env, high), 180, "the high-priority job")
     wait_for(lambda: all(j["state"] == "pending" for j in queue.jobs()), 60, "hand-backs")
     steps = {n: step_of(queue, n) for n in names}
-    assert all(0 < s < 400 for s in steps.values()), steps
-    wait_releasing(env, job_id, lambda: not array_tasks(env, job_id), 400,
+    assert all(0 < s < 2000 for s in steps.values()), steps
+    wait_releasing(env, job_id, lambda: not array_tasks(env, job_id), 900,
                    "the requeued array to finish")
     jobs = queue.jobs()
     assert [(j["state"], j["attempts"], j["claims"]) for j in jobs] == [("succeeded", 1, 2)] * 2
@@ -346,7 +347,7 @@ def test_a_plain_scancel_is_honoured_the_job_handed_back(env, tmp_path):
 
 def test_a_task_killed_outright_is_reclaimed_at_once_by_the_next_worker(env, tmp_path):
     queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
-                 "--only", "model=gpt2", "--set", "training.train_steps=200",
+                 "--only", "model=gpt2", "--set", "training.train_steps=3000",
                  "--set", "training.save_every_steps=10")
     # A long lease: waiting for it to expire would outlast the test.
     first = submit(env, "--workers", "1", "--lease", "900")
@@ -359,7 +360,7 @@ def test_a_task_killed_outright_is_reclaimed_at_once_by_the_next_worker(env, tmp
     wait_for(lambda: not array_tasks(env, first), 60, "the killed task to end")
     assert [j["state"] for j in queue.jobs()] == ["running"]
     second = submit(env, "--workers", "1", "--lease", "900")
-    wait_for_array_end(env, second, 240)
+    wait_for_array_end(env, second, 900)
     [job] = queue.jobs()
     assert (job["state"], job["claims"]) == ("succeeded", 2)
     kinds = [e["kind"] for e in queue.events(job["id"])]
