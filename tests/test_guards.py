@@ -102,6 +102,20 @@ def test_only_the_newest_states_are_kept(tmp_path):
         "state-0000020.json", "state-0000020.pt", "state-0000030.json", "state-0000030.pt"]
 
 
+@pytest.mark.parametrize("write", [lambda out: ckpt.save_state(out, tiny_state(10)),
+                                   lambda out: ckpt.save_snapshot(out, 10, {})],
+                         ids=["state", "snapshot"])
+def test_a_late_background_write_does_not_bring_a_moved_folder_back(tmp_path, write):
+    """A write in flight when the job's folder is moved aside (replace, fresh) fails instead
+    of recreating the folder at its old path for a later run to trust."""
+    out = tmp_path / "job"
+    out.mkdir()
+    out.rename(tmp_path / "job.replaced")
+    with pytest.raises(FileNotFoundError):
+        write(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.replaced"]
+
+
 def test_a_dict_that_is_not_a_training_state_is_skipped(tmp_path):
     ckpt.save_state(tmp_path, tiny_state(10))
     ckpt.save_state(tmp_path, {"model": {}, "step": 20})  # checksummed, but no optimiser, RNGs

@@ -16,10 +16,14 @@ from typing import IO, Any
 import yaml
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(fileobj)` on a temp file and move it over `path` when complete."""
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], parents: bool = True) -> None:
+    """Call `write(fileobj)` on a temp file and move it over `path` when complete.
+
+    parents=False creates the file's own folder only, never the ones above it: a background
+    write into a job folder that was moved away must fail, not bring the folder back.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=parents, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -46,12 +50,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    write_atomic(path, lambda f: f.write(data))
+def write_bytes_atomic(path: Path, data: bytes, parents: bool = True) -> None:
+    write_atomic(path, lambda f: f.write(data), parents)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json_atomic(path: Path, obj: Any, parents: bool = True) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), parents)
 
 
 def write_yaml_atomic(path: Path, obj: Any) -> None:

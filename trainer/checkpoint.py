@@ -60,14 +60,14 @@ def save_state(out_dir: Path, state: dict) -> Path:
     torch.save(state, buf)
     data = buf.getvalue()
     path = _state_path(out_dir, state["step"])
-    write_bytes_atomic(path, data)
+    write_bytes_atomic(path, data, parents=False)  # never recreate a folder moved away
     # The manifest goes last: its presence marks the state complete.
     write_json_atomic(path.with_suffix(".json"), {
         "step": state["step"],
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "saved_at": time.time(),
-    })
+    }, parents=False)
     for old in list_states(out_dir)[KEEP_STATES:]:
         for p in (old, old.with_suffix(".json")):
             p.unlink(missing_ok=True)
@@ -162,7 +162,8 @@ def newest_valid_state(out_dir: Path, skipped: Callable[[Path, Exception], None]
 def save_snapshot(out_dir: Path, step: int, model_state: dict) -> None:
     buf = io.BytesIO()
     torch.save(model_state, buf)
-    write_bytes_atomic(Path(out_dir) / SNAPSHOT_DIR / f"model-{step:07d}.pt", buf.getvalue())
+    write_bytes_atomic(Path(out_dir) / SNAPSHOT_DIR / f"model-{step:07d}.pt", buf.getvalue(),
+                       parents=False)
 
 
 def to_host(obj):
