@@ -202,7 +202,12 @@ def _train(config, out, device, on_progress, stop, log, writer, track) -> RunRes
     folder = out.stat().st_ino  # a folder moved aside (replace, fresh) must get no more writes
     started, done = time.monotonic(), start
     last_eval: tuple[int, dict] = (-1, {})  # (steps done, metrics) of the newest evaluation
+    def check_folder() -> None:
+        if _inode(out) != folder:
+            raise FolderMoved(f"{out} was moved away while training; stopping without writing")
+
     for i in range(start, total):
+        check_folder()  # first: a write that failed because the folder moved says so
         writer.check()  # a failed write stops the run now, not at the next checkpoint
         idx = sample_indices(t["num_training_examples"], t["batch_size"], batches).to(device)
         x, y = embed(pool_ids[idx], tokens), pool_y[idx]  # (B, L, n_dims), (B,)
@@ -223,8 +228,7 @@ def _train(config, out, device, on_progress, stop, log, writer, track) -> RunRes
         if evaluated:
             last_eval = (done, evaluate(model, eval_ids, eval_y, tokens, precision))
             record.update({f"test_{k}": v for k, v in last_eval[1].items()})
-        if _inode(out) != folder:
-            raise FolderMoved(f"{out} was moved away while training; stopping without writing")
+        check_folder()
         ckpt.append_metrics(out, record)
         track.log(record)
         if evaluated and done < total:
