@@ -21,6 +21,7 @@ import click
 from db import DatabaseError, JobQueue, connect, mask_url
 from db.engine import NoQueue, default_url
 from db.queue import ORDERS, PlanReport
+from runner.bucket.s3 import BucketError
 
 EXIT_BAD_INPUT = 2
 
@@ -106,8 +107,10 @@ def cli(ctx: click.Context, db: str | None) -> None:
               help="Restrict the grid: V=20, N=256, model=lowrank_gpt2, run=1 (repeatable).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a resolved config key, e.g. training.train_steps=200.")
-@click.option("--out-root", default="runs", show_default=True,
-              help="Where the jobs' folders go.")
+@click.option("--out-root", envvar="RUNNER_OUT_ROOT", default="runs", show_default=True,
+              help="Where the jobs' folders go (else $RUNNER_OUT_ROOT): a folder every "
+                   "worker sees, or s3://BUCKET/PREFIX (endpoint and credentials from "
+                   "the AWS variables: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")
 @click.option("--dry-run", is_flag=True, help="Report what would be planned; write nothing.")
 @click.option("--replace", is_flag=True,
               help="Apply changed configs to queued jobs that are not running: each goes back "
@@ -207,9 +210,13 @@ def replan_command() -> str:
               help="How long the database may stay unreachable (restart, failover, network "
                    "cut, SQLite locked or disk full) while training goes on and queue writes "
                    "wait; past it the job is checkpointed and the worker exits 1. "
-                   "0: exit at the first failure.")
+                   "0: exit at the first failure. The same budget holds for a bucket.")
+@click.option("--cache-dir", envvar="RUNNER_CACHE_DIR", default=None, metavar="DIR",
+              help="Local working copies of job folders that live in a bucket (else "
+                   "$RUNNER_CACHE_DIR, else ~/.cache/runner).")
 @click.pass_context
-def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_outage):
+def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_outage,
+           cache_dir):
     """Claim jobs one by one and train them in this process.
 
     On a terminal the running job shows a progress bar (step/total, loss,
@@ -221,7 +228,7 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_o
     queue = open_queue(ctx, outage=db_outage)
     try:
         w = Worker(queue, gpu, lease, order, threads, progress_every,
-                   slurm=SlurmTask.from_environ(os.environ))
+                   slurm=SlurmTask.from_environ(os.environ), cache_dir=cache_dir)
     except BadDevice as e:
         raise BadInput(str(e)) from None
     w.install_signal_handlers()
@@ -229,6 +236,8 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_o
         w.run(max_jobs=max_jobs, wait=wait)
     except DatabaseError as e:
         raise click.ClickException(str(e)) from None
+    if w.bucket_error is not None:
+        raise click.ClickException(f"{w.bucket_error}; the job was handed back")
     if w.all_failed:
         raise click.ClickException(f"every job this worker ran failed ({len(w.outcomes)}); "
                                    "see `python -m runner status`")
@@ -495,17 +504,19 @@ def logs(ctx, name, follow):
     NAME is the job's name, or any part of it that matches one job only
     (e.g. standard_V5_N256_run1).
     """
+    from runner.bucket.view import local_folder
     from trainer.files import LOG_FILE
 
     queue = open_queue(ctx, readonly=True)
     job = find_job(queue.jobs(), name)
-    path = Path(job["out_dir"]) / LOG_FILE
+    path = local_folder(job["out_dir"]) / LOG_FILE
     if not follow:
         try:
             click.echo(path.read_text(), nl=False)
         except FileNotFoundError:
             raise click.ClickException(
-                f"{job['name']} ({job['state']}) has no log yet; it will be {path}") from None
+                f"{job['name']} ({job['state']}) has no log yet; it will be "
+                f"{job['out_dir']}/{LOG_FILE}") from None
         return
     try:
         follow_log(queue, job, path)
@@ -532,8 +543,11 @@ def follow_log(queue: JobQueue, job: dict, path: Path, poll: float = 0.5) -> Non
     """Like tail -f from the start of the file; returns once the job has ended."""
     if not path.exists():
         click.echo(f"waiting for {job['name']} ({job['state']}) to start: {path}", err=True)
+    from runner.bucket.view import local_folder
+
     offset, checked, state = 0, 0.0, job["state"]
     while True:
+        path = local_folder(job["out_dir"]) / path.name  # a bucket's: refreshed every 2 s
         try:
             with open(path) as f:
                 f.seek(offset)
@@ -907,5 +921,8 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except DatabaseError as e:  # the database went away after it was opened
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except BucketError as e:  # job folders in a bucket that cannot be read
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_BAD_INPUT)

@@ -26,6 +26,7 @@ from pathlib import Path
 import filelock
 
 from db import JobQueue
+from runner.bucket.s3 import is_s3
 from runner.folders import replaced_folders
 from trainer.files import LOCK_FILE
 
@@ -69,6 +70,9 @@ def collect_job(queue: JobQueue, job: dict, found: Collection, dry_run: bool = F
     """One job's garbage into `found`; `job` is its row as read earlier (it may be stale)."""
     if job["state"] == "running":
         found.left_alone.append((job["name"], "running"))
+        return
+    if is_s3(job["out_dir"]):  # workers delete a bucket folder's superseded states themselves
+        found.left_alone.append((job["name"], "in a bucket"))
         return
     folders = [Path(job["out_dir"])] + (replaced_folders(job["out_dir"]) if replaced else [])
     for folder in folders:

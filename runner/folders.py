@@ -1,4 +1,8 @@
-"""Job folders on disk: moving an old run's folder aside, never deleting it, and finding it."""
+"""Job folders: moving an old run's folder aside, never deleting it, and finding it.
+
+A folder in a bucket (s3://...) is moved by copying its objects under the new name and
+deleting the originals, since S3 has no rename.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,20 @@ import re
 import time
 from pathlib import Path
 
+from runner.bucket import s3
+from runner.bucket.jobfolder import HEAD
+
 REPLACED = ".replaced-"  # <folder>.replaced-<UTC time>[-n]
 
 
-def move_aside(out_dir: str) -> Path | None:
+def move_aside(out_dir: str) -> Path | str | None:
     """Rename `out_dir` to `<out_dir>.replaced-<UTC time>`; None when there is no folder."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    if s3.is_s3(out_dir):
+        return _move_bucket_folder(s3.S3Path.parse(out_dir), stamp)
     folder = Path(out_dir)
     if not folder.exists():
         return None
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = folder.with_name(f"{folder.name}{REPLACED}{stamp}")
     n = 1
     while target.exists():  # two replacements within a second
@@ -25,8 +34,24 @@ def move_aside(out_dir: str) -> Path | None:
     return target
 
 
+def _move_bucket_folder(folder: s3.S3Path, stamp: str) -> str | None:
+    try:
+        if not s3.exists(folder):
+            return None
+        target, n = folder.with_name(f"{folder.name}{REPLACED}{stamp}"), 1
+        while s3.exists(target):
+            n += 1
+            target = folder.with_name(f"{folder.name}{REPLACED}{stamp}-{n}")
+        s3.move_folder(folder, target, delete_first=HEAD)
+    except Exception as e:  # botocore's: an OSError for the callers, as a folder's would be
+        raise OSError(s3.describe(e, folder.url)) from None
+    return target.url
+
+
 def replaced_folders(out_dir: str) -> list[Path]:
     """The folders `move_aside` made of `out_dir`, by name."""
+    if s3.is_s3(out_dir):
+        return []  # gc frees folders on disk only
     folder = Path(out_dir)
     pattern = re.compile(re.escape(folder.name + REPLACED) + r"\d{8}T\d{6}Z(-\d+)?")
     if not folder.parent.is_dir():

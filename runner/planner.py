@@ -6,6 +6,7 @@ import itertools
 import re
 from pathlib import Path
 
+from runner.bucket.s3 import BucketError, S3Path, check_writable, is_s3
 from runner.outputs import folder_problem
 from trainer.config import CONF_DIR, FAMILIES, ConfigError, load_yaml, resolve
 from trainer.seeds import seq_len
@@ -118,7 +119,8 @@ def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[st
     check_overrides(overrides, sweep)
     rows = []
     grid = sweep["grid"]
-    root = Path(out_root).expanduser().resolve()
+    root = (S3Path.parse(out_root) if is_s3(out_root)
+            else Path(out_root).expanduser().resolve())
     for position, (V, N, family, run) in enumerate(itertools.product(*(grid[a] for a in AXES))):
         coords = {"V": V, "N": N, "model": family, "run": run}
         if any(coords[k] not in values for k, values in only.items()):
@@ -130,7 +132,8 @@ def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[st
         rows.append({
             "name": name, "v": V, "n": N, "model": family, "run": run, "position": position,
             "cost": estimate_cost(config), "config": config,
-            "out_dir": str(root / names["folder"] / name),
+            "out_dir": (root.join(names["folder"], name).url if is_s3(out_root)
+                        else str(root / names["folder"] / name)),
             "total_steps": t["train_steps"], "max_attempts": sweep["max_attempts"],
             "profile": profile, "overrides": list(overrides),
         })
@@ -153,6 +156,12 @@ def check_out_root(out_root: str) -> None:
     """Refuse a runs folder that jobs could not write into, before anything is planned."""
     if not out_root or "\0" in out_root:
         raise SweepError("--out-root must be a folder path")
+    if is_s3(out_root):  # job folders in a bucket: reachable, and writable with these keys?
+        try:
+            check_writable(S3Path.parse(out_root))
+        except BucketError as e:
+            raise SweepError(f"--out-root {e}") from None
+        return
     if ".." in Path(out_root).parts:
         raise SweepError(f"--out-root '{out_root}': '..' is not allowed")
     problem = folder_problem(out_root)

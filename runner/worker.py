@@ -17,6 +17,7 @@ spent, the job is checkpointed and the worker exits non-zero.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -27,6 +28,9 @@ import traceback
 
 from db import Claim, DatabaseError, JobQueue, LeaseLost
 from db.outage import OutageNotice
+from runner.bucket import s3
+from runner.bucket.jobfolder import Fenced
+from runner.bucket.sync import JobSync
 from runner.liveness import HOST, dead_reason, process_token
 from runner.progress import JobDisplay, duration
 from runner.slurm.task import SlurmTask
@@ -87,6 +91,13 @@ class JobControl:
             log.error("%s: %s; checkpointing the job and stopping", self.claim.name, error)
             job_log(self.claim, f"attempt {self.claim.attempt}: {error}; stopped with a "
                                 "checkpoint, the job is left to be reclaimed")
+        self.stop_job.set()
+
+    def fenced(self, message: str) -> None:
+        """The bucket refused this attempt's head write: a newer attempt owns the job."""
+        if not self.lost.is_set():
+            self.lost.set()
+            job_log(self.claim, f"attempt {self.claim.attempt}: {message}; stopping")
         self.stop_job.set()
 
     def __call__(self, lease) -> bool:
@@ -201,8 +212,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 class Worker:
     def __init__(self, queue: JobQueue, gpu: str, lease: float, order: str = "guide",
                  threads: int | None = None, progress_every: float = 30.0,
-                 slurm: SlurmTask | None = None):
+                 slurm: SlurmTask | None = None, cache_dir: str | None = None):
         self.queue, self.gpu, self.lease, self.order = queue, gpu, lease, order
+        # Working copies of job folders that live in a bucket; the bucket's outage budget is
+        # the database's.
+        self.cache_dir = cache_dir or str(s3.cache_root())
+        self.bucket_error: s3.BucketError | None = None  # uploads failed for good: exit 1
         self.progress_every = progress_every  # seconds between progress log lines (no terminal)
         self.slurm = slurm
         self.device = resolve_device(gpu)
@@ -351,6 +366,19 @@ class Worker:
         if self.stopping.is_set():
             self.stop_job.set()
         log.info("%s: claimed (attempt %d, from step %d)", claim.name, claim.attempt, claim.step)
+        sync = None
+        if s3.is_s3(claim.out_dir):
+            sync = JobSync(claim.out_dir, claim.attempt, self.cache_dir,
+                           self.queue.outages.budget, on_fenced=lambda m: control.fenced(m))
+            try:
+                # The trainer, and the worker's own log lines, use the local working copy.
+                claim = dataclasses.replace(claim, out_dir=str(sync.fetch()))
+            except Fenced as e:
+                log.error("%s: %s; leaving the job to its newer attempt", claim.name, e)
+                return "lost"
+            except s3.BucketError as e:
+                return self._bucket_failed(claim, e, claim.step)
+            sync.start()
         self.current = claim
         last_write = 0.0
         display = JobDisplay(claim.name, claim.total_steps, claim.step, log, self.progress_every)
@@ -386,6 +414,18 @@ class Worker:
                         + "".join(traceback.format_exception(e)))
             finally:
                 display.close()
+        if sync is not None and not control.lost.is_set():
+            # The job's end counts only once the bucket holds its final files (a stop: its
+            # newest state).
+            sync.close()
+            try:
+                sync.flush()
+            except Fenced:
+                pass  # control.lost is set
+            except s3.BucketError as e:
+                if control.unusable is None:
+                    step = result.step if result is not None else claim.step
+                    return self._bucket_failed(claim, e, step)
         outcome = "lost"
         try:
             if control.unusable is not None:
@@ -424,8 +464,34 @@ class Worker:
         finally:
             result = error = None
             self.current = None
+            if sync is not None:
+                self._close_sync(sync, control)
             self._free_memory()
         return outcome
+
+    def _close_sync(self, sync: JobSync, control: JobControl) -> None:
+        """The log lines written since the last upload go up too (best effort); then the
+        working copy goes: the bucket holds the job."""
+        sync.close()
+        if not control.lost.is_set():
+            try:
+                sync.flush()
+            except s3.BucketError as e:
+                log.warning("%s: the job log's last lines were not uploaded: %s",
+                            control.claim.name, e)
+                return
+        sync.remove_local()
+
+    def _bucket_failed(self, claim: Claim, error: s3.BucketError, step: int) -> str:
+        """The bucket cannot be used (outage budget spent, permission lost): the job goes
+        back to pending (its newest uploaded state is where it resumes) and the worker stops
+        with an error."""
+        log.error("%s: %s; job handed back, worker stopping", claim.name, error)
+        self.bucket_error = error
+        self.stopping.set()
+        with contextlib.suppress(LeaseLost):
+            self.queue.release(claim, step)
+        return "stopped"
 
     def _peak_memory_meter(self):
         """A function giving the GPU's peak memory (bytes) since now; None on the CPU."""

@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from runner.bucket.view import local_folder
 from trainer.files import read_metrics
 
 STATE_FILE = ".runner-export.json"
@@ -103,7 +104,7 @@ class Exporter:
         name = job["name"]
         if not JOB_NAME.fullmatch(name):  # the run's folder name: never a path
             return 0
-        records = read_metrics(job["out_dir"])
+        records = read_metrics(local_folder(job["out_dir"]))
         done = self.state.get(name)
         if done and (len(records) < done["records"]
                      or records[done["records"] - 1].get("step") != done["last_step"]):

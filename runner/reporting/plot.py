@@ -9,6 +9,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+from runner.bucket.view import local_folder
 from runner.reporting.groups import group_of, label
 from runner.reporting.results import MODEL_LABELS, Results, run_lines
 from trainer.atomic import write_atomic
@@ -190,7 +191,7 @@ def curves_figures(jobs: list[dict], by: list[str] = ()):
     models = list(dict.fromkeys(j["model"] for j in jobs))
     groups: dict[tuple, list[tuple[dict, list[dict]]]] = {}
     for job in jobs:
-        evals = [r for r in read_metrics(job["out_dir"]) if "test_accuracy" in r]
+        evals = [r for r in read_metrics(local_folder(job["out_dir"])) if "test_accuracy" in r]
         if evals:
             groups.setdefault((job["v"], job["n"]), []).append((job, evals))
     for (V, N), members in sorted(groups.items()):

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from runner.bucket.view import local_folder
 from runner.reporting.groups import differing_keys, flatten, group_of, label, order_key, split_keys
 from trainer.files import EVAL_FILE, read_eval
 
@@ -142,7 +143,7 @@ def _differs(a, b) -> bool:
 def run_metrics(job: dict, notes: list[str], missing: list[str], read=read_eval) -> dict:
     """A succeeded job's metrics: its eval.json's, else the database's."""
     db = {k: job[DB_COLUMN[k]] for k in METRICS}
-    found = read(job["out_dir"])
+    found = read(local_folder(job["out_dir"]))
     if found is None:
         missing.append(job["name"])
         return db
@@ -188,7 +189,7 @@ def aggregate(jobs: list[dict], read=read_eval, by: list[str] | tuple[str, ...] 
                 counted.append(job)
                 runs.append({"run": job["run"], "name": job["name"],
                              **run_metrics(job, results.notes, missing, read)})
-            elif read(job["out_dir"]) is not None:
+            elif read(local_folder(job["out_dir"])) is not None:
                 stray.append(f"{job['name']} ({job['state']})")
         row = {"group": group, "config": group_config[group], "V": v, "model": model, "N": n,
                "profiles": sorted({j.get("profile") or "unknown" for j in members}),

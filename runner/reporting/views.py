@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from runner.bucket.view import local_folder
 from runner.reporting.results import Results, to_json
 from runner.reporting.results import what_was_run as results_what_was_run
 from runner.status import snapshot, stale_reason, status_json
@@ -127,7 +128,7 @@ def _newest_eval(path: str, mtime_ns: int, size: int) -> dict | None:
 
 def newest_eval(out_dir: str) -> dict | None:
     """The newest evaluation in a job's metrics log (re-read only when the file changed)."""
-    path = Path(out_dir) / METRICS_FILE
+    path = local_folder(out_dir) / METRICS_FILE
     try:
         st = path.stat()
     except OSError:
@@ -173,14 +174,14 @@ def job_detail(queue, job: dict, status_row: dict, redactor: Redactor) -> dict:
             detail = event["detail"]
         events.append({"at": event["at"], "kind": event["kind"], "worker": event["worker"],
                        "attempt": event["attempt"], "detail": detail})
-    log, cut = read_tail(Path(job["out_dir"]) / LOG_FILE)
+    log, cut = read_tail(local_folder(job["out_dir"]) / LOG_FILE)
     return redactor.tree({
         "name": job["name"], "job": status_row, "config": job["config"],
         # as in config.yaml: a browser's JSON numbers cannot hold the 63-bit seeds exactly
         "config_yaml": yaml.safe_dump(job["config"], sort_keys=False),
         "files": {"folder": redactor.folder(job["out_dir"]), "config": CONFIG_FILE,
                   "metrics": METRICS_FILE, "log": LOG_FILE},
-        "metrics": read_metrics(job["out_dir"]), "events": events,
+        "metrics": read_metrics(local_folder(job["out_dir"])), "events": events,
         "log_tail": log, "log_truncated": cut, "traceback_in_log": bool(job["traceback"]),
     })
 

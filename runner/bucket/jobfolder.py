@@ -1,0 +1,64 @@
+"""A job folder in a bucket: attempt-keyed objects and a fenced head.
+
+Each attempt uploads under a prefix of its own (`a0007/state/state-0000100.pt`), so two
+attempts never write the same object. `head.json` says which objects make up the folder now:
+{"attempt": N, "files": {path in the folder: key under the job's prefix}}. Only the attempt
+named there may change it, and only by a conditional write on the ETag it read; a new attempt
+takes the head over when it claims the job, so a fenced-out worker (a zombie after a network
+cut) finds its write refused and whatever it uploads late is never read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from runner.bucket.s3 import Conflict, S3Path, get, put
+
+HEAD = "head.json"
+
+
+class Fenced(Conflict):
+    """A newer attempt owns the job folder: this one must not write it."""
+
+
+@dataclass
+class Head:
+    attempt: int = 0
+    files: dict[str, str] = field(default_factory=dict)
+    etag: str | None = None  # None: no head yet
+
+
+def read_head(job: S3Path) -> Head:
+    found = get(job.join(HEAD))
+    if found is None:
+        return Head()
+    data, etag = found
+    body = json.loads(data)
+    return Head(int(body["attempt"]), dict(body["files"]), etag)
+
+
+def write_head(job: S3Path, head: Head, attempt: int, files: dict[str, str]) -> Head:
+    """Replace `head` (as read) by this attempt's; Conflict when it changed meanwhile."""
+    body = json.dumps({"attempt": attempt, "files": dict(sorted(files.items()))},
+                      indent=1).encode()
+    etag = put(job.join(HEAD), body, if_match=head.etag, if_absent=head.etag is None)
+    return Head(attempt, dict(files), etag)
+
+
+def take_over(job: S3Path, attempt: int) -> Head:
+    """Make `attempt` the head's owner, keeping its files; Fenced if a newer one owns it."""
+    head = read_head(job)
+    if head.attempt >= attempt:
+        raise Fenced(f"{job.url}: attempt {head.attempt} owns the folder, not {attempt}")
+    try:
+        return write_head(job, head, attempt, head.files)
+    except Conflict:
+        newer = read_head(job)
+        raise Fenced(f"{job.url}: attempt {newer.attempt} took the folder over, "
+                     f"not {attempt}") from None
+
+
+def attempt_key(attempt: int, relative: str) -> str:
+    """Where `attempt` uploads the folder's file `relative`."""
+    return f"a{attempt:04d}/{relative}"
