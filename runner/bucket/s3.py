@@ -81,8 +81,14 @@ def client():
     """The process's S3 client (thread-safe), configured from the AWS environment."""
     with _lock:
         if "s3" not in _clients:
+            import logging
+
             import boto3
             from botocore.config import Config
+
+            # Its INFO lines ("Found credentials in environment variables") are noise here.
+            for name in ("botocore", "boto3", "s3transfer"):
+                logging.getLogger(name).setLevel(logging.WARNING)
 
             config = Config(retries={"mode": "standard", "max_attempts": 3},
                             connect_timeout=5, read_timeout=30)

@@ -105,6 +105,11 @@ class JobSync:
                 self.error = e
                 log.error("%s", e)
                 return
+            except Exception as e:  # a bug or a local disk error: the final flush says so
+                self.error = s3.BucketError(f"{self.job.url}: uploads stopped: "
+                                            f"{type(e).__name__}: {e}")
+                log.exception("%s", self.error)
+                return
 
     def upload(self) -> None:
         """Upload what changed, then point the head at it; Fenced if a newer attempt owns
@@ -116,10 +121,15 @@ class JobSync:
             changed = [rel for rel in files if self.sent.get(rel) != self._signature(rel)]
             for relative in sorted(changed, key=_upload_order):
                 signature = self._signature(relative)
-                data = (self.local / relative).read_bytes()
+                try:
+                    data = (self.local / relative).read_bytes()
+                except FileNotFoundError:  # a state pruned meanwhile: superseded anyway
+                    files.remove(relative)
+                    continue
                 target = self.job.join(attempt_key(self.attempt, relative))
                 self._retry(lambda t=target, d=data: s3.put(t, d), target.url)
                 self.sent[relative] = signature
+            files = _whole_states(files)
             # Files not kept locally (snapshots of earlier attempts) stay as the head has them;
             # states are the ones the trainer keeps now.
             wanted = {rel: key for rel, key in self.head.files.items() if not _is_state(rel)}
@@ -158,11 +168,7 @@ class JobSync:
 
     def _files_now(self) -> list[str]:
         """The local files to mirror: a state only once its manifest exists (it is whole)."""
-        files = self._local_files()
-        present = set(files)
-        return [rel for rel in files if not _is_state(rel) or (
-            rel.endswith(".pt") and rel[:-3] + ".json" in present) or (
-            rel.endswith(".json") and rel[:-5] + ".pt" in present)]
+        return _whole_states(self._local_files())
 
     def _local_files(self) -> list[str]:
         if not self.local.is_dir():
@@ -195,6 +201,15 @@ class JobSync:
     def _retry(self, operation, where: str):
         return s3.with_retries(operation, where, self.budget, on_wait=lambda reason: log.warning(
             "%s; retrying for up to %gs", reason, self.budget))
+
+
+def _whole_states(files: list[str]) -> list[str]:
+    """`files` less any state file whose partner (the state's manifest, or the manifest's
+    state) is not among them."""
+    present = set(files)
+    return [rel for rel in files if not _is_state(rel) or (
+        rel.endswith(".pt") and rel[:-3] + ".json" in present) or (
+        rel.endswith(".json") and rel[:-5] + ".pt" in present)]
 
 
 def _upload_order(relative: str) -> tuple[int, str]:

@@ -1,0 +1,358 @@
+"""Job folders in S3-compatible object storage, against a real server (SeaweedFS, started once
+per session: tests/s3server.py): planning and its refusals, a sweep slice resumed by another
+host, SIGKILL during an upload, a fenced-out worker's late uploads, a server outage, readers
+with no local files, and moving a bucket folder aside."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from db import JobQueue, connect
+from runner.bucket import s3
+from runner.bucket.jobfolder import Fenced, attempt_key, read_head
+from runner.bucket.sync import JobSync
+from runner.bucket.view import local_folder
+from tests import s3server
+from tests.conftest import PYTHON, ROOT, runner_env
+from tests.test_dashboard import start_server, stop_server
+from tests.test_worker import wait_for
+from trainer import checkpoint as ckpt
+from trainer.train import run as train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def root(s3_server) -> str:
+    """A prefix of its own in the session's bucket."""
+    return f"s3://{s3server.BUCKET}/{uuid.uuid4().hex[:10]}"
+
+
+def runner(db_url, *args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT,
+                          env={**runner_env(db_url), **(env or {})},
+                          capture_output=True, text=True, timeout=600)
+
+
+def start_worker(db_url, cache: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--threads", "1",
+                             "--cache-dir", str(cache), *args], cwd=ROOT, env=runner_env(db_url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(worker: subprocess.Popen, timeout: float = 600) -> str:
+    _, err = worker.communicate(timeout=timeout)
+    assert worker.returncode == 0, err[-3000:]
+    return err
+
+
+def plan(db_url, root, *args) -> JobQueue:
+    proc = runner(db_url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
+                  "--only", "run=1", "--out-root", root, *args)
+    assert proc.returncode == 0, proc.stderr
+    return JobQueue(connect(db_url))
+
+
+def download(out_dir: str, into: Path) -> Path:
+    """Every file the folder's head names, laid out as a job folder."""
+    job = s3.S3Path.parse(out_dir)
+    for relative, key in read_head(job).files.items():
+        data, _ = s3.get(job.join(key))
+        (into / relative).parent.mkdir(parents=True, exist_ok=True)
+        (into / relative).write_bytes(data)
+    return into
+
+
+def same_as_uninterrupted(job: dict, tmp_path: Path) -> None:
+    """The bucket folder's final weights, metrics and evaluation equal a fault-free local run
+    of the job's config, bit for bit."""
+    got = download(job["out_dir"], tmp_path / f"{job['name']}.bucket")
+    clean = tmp_path / f"{job['name']}.clean"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers ran
+    try:
+        train(job["config"], clean)
+    finally:
+        torch.set_num_threads(threads)
+    a = torch.load(ckpt.list_states(got)[0], weights_only=True)
+    b = torch.load(ckpt.list_states(clean)[0], weights_only=True)
+    assert a["step"] == b["step"] == job["total_steps"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    for name in (ckpt.EVAL_FILE, ckpt.METRICS_FILE):
+        assert (got / name).read_text() == (clean / name).read_text(), name
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+def test_plan_writes_bucket_addresses_and_stores_no_secret(tmp_path, root):
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    queue = plan(url, root)
+    jobs = queue.jobs()
+    assert sorted(j["out_dir"] for j in jobs) == [
+        f"{root}/table_connectivity/table_connectivity_standard_V5_N256_run1",
+        f"{root}/table_connectivity_lowrank/table_connectivity_lowrank_V5_N256_run1"]
+    dump = subprocess.run(["sqlite3", str(tmp_path / "q.sqlite"), ".dump"],
+                          capture_output=True, text=True).stdout
+    assert dump and s3server.WRITER[1] not in dump and s3server.WRITER[0] not in dump
+    assert not list(s3.listing(s3.S3Path.parse(root)))  # the write probe left nothing
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no bucket", "bad secret", "read only"])
+def test_plan_refuses_a_bucket_it_could_not_write_in_one_line(tmp_path, s3_server, case):
+    _, endpoint = s3_server
+    root, env = f"s3://{s3server.BUCKET}/refused", {}
+    if case == "unreachable":
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    elif case == "no bucket":
+        root = "s3://no-such-bucket/x"
+    elif case == "bad secret":
+        env["AWS_SECRET_ACCESS_KEY"] = "not-the-secret"
+    else:
+        env.update(s3server.env(endpoint, s3server.READER))
+    db = tmp_path / "q.sqlite"
+    proc = runner(f"sqlite:///{db}", "plan", "--profile", "smoke", "--out-root", root, env=env)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    expected = {"unreachable": "Could not connect to the endpoint URL",
+                "no bucket": "the bucket does not exist",
+                "bad secret": "the S3 credentials were refused",
+                "read only": "access denied"}[case]
+    assert line.startswith(f"error: --out-root {root}: ") and expected in line, line
+    assert "not-the-secret" not in line and s3server.READER[1] not in line
+    assert not db.exists()  # nothing planned, not even an empty queue
+
+
+# --- the worker: resume elsewhere, kills, zombies, outages -------------------------------------
+
+
+def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_files(
+        tmp_path, root):
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    queue = plan(url, root, "--set", "training.train_steps=300",
+                 "--set", "training.save_every_steps=20")
+    first_host, second_host = tmp_path / "host-a", tmp_path / "host-b"
+    worker = start_worker(url, first_host)
+    wait_for(lambda: max(j["step"] for j in queue.jobs()) >= 60, what="progress")
+    worker.send_signal(signal.SIGTERM)
+    finish(worker, 60)
+    (stopped,) = [j for j in queue.jobs() if j["step"] > 0]
+    assert stopped["state"] == "pending" and 60 <= stopped["step"] < 300
+    head = read_head(s3.S3Path.parse(stopped["out_dir"]))
+    newest = f"state/state-{stopped['step']:07d}.pt"
+    assert head.attempt == 1 and head.files[newest] == attempt_key(1, newest)
+    assert not list(first_host.rglob("*.pt"))  # the working copy went once the bucket had it
+
+    finish(start_worker(url, second_host))  # another host: an empty cache
+    jobs = queue.jobs()
+    assert [j["state"] for j in jobs] == ["succeeded", "succeeded"]
+    resumed = next(j for j in jobs if j["name"] == stopped["name"])
+    assert resumed["claims"] == 2
+    assert read_head(s3.S3Path.parse(resumed["out_dir"])).attempt == 2
+    for job in jobs:
+        same_as_uninterrupted(job, tmp_path)
+
+    # Readers on a machine with the queue and the keys, but none of the files.
+    elsewhere = {"RUNNER_CACHE_DIR": str(tmp_path / "reader-cache")}
+    results = runner(url, "results", "--json", env=elsewhere)
+    assert results.returncode == 0, results.stderr
+    table = json.loads(results.stdout)
+    by_model = {row["model"]: row for row in table["rows"]}
+    for job in jobs:
+        assert by_model[job["model"]]["accuracy"]["mean"] == job["test_accuracy"]
+    assert table["notes"] == []  # every eval.json found, and agreeing with the queue
+    log = runner(url, "logs", resumed["name"], env=elsewhere)
+    assert log.returncode == 0, log.stderr
+    assert "=== attempt 1 by worker" in log.stdout and "=== attempt 2 by worker" in log.stdout
+    assert f"resuming at step {stopped['step']}/300" in log.stdout
+    report = runner(url, "report", "--out", str(tmp_path / "report.html"), env=elsewhere)
+    assert report.returncode == 0, report.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert f"{resumed['test_accuracy'] * 100:.1f}" in page
+    proc, base = start_server(url, cwd=tmp_path)
+    try:
+        detail = json.loads(urllib.request.urlopen(
+            base + f"api/jobs/{resumed['name']}", timeout=10).read())
+    finally:
+        stop_server(proc)
+    assert [r["step"] for r in detail["metrics"]] == list(range(300))
+    assert "finished: test accuracy" in detail["log_tail"]
+    assert detail["files"]["folder"].endswith(resumed["name"])
+
+
+def test_a_worker_killed_during_an_upload_leaves_nothing_a_resume_trusts(tmp_path, root,
+                                                                          s3_server):
+    folder, _ = s3_server
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    queue = plan(url, root, "--only", "model=gpt2", "--set", "training.train_steps=1200",
+                 "--set", "training.save_every_steps=10")
+    victim = start_worker(url, tmp_path / "host-a")
+    wait_for(lambda: uploaded_states(queue.jobs()[0]), what="a state in the bucket")
+    pid = int((folder / "weed.pid").read_text())
+    os.killpg(pid, signal.SIGSTOP)  # the server hangs: the next upload stays in flight
+    try:
+        at_freeze = queue.jobs()[0]["step"]
+        wait_for(lambda: queue.jobs()[0]["step"] >= at_freeze + 100, what="progress")
+        time.sleep(UPLOAD_PASS + 1)  # a pass has started, its first write unanswered
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    (job,) = queue.jobs()
+    uploaded = max(uploaded_states(job))
+    assert uploaded < job["step"]  # the bucket is behind what was trained locally
+    heir = start_worker(url, tmp_path / "host-b")  # same host: the dead worker is seen at once
+    finish(heir)
+    (job,) = queue.jobs()
+    assert job["state"] == "succeeded"
+    log = download(job["out_dir"], tmp_path / "after")
+    assert f"resuming at step {uploaded}/1200" in (log / ckpt.LOG_FILE).read_text()
+    same_as_uninterrupted(job, tmp_path)
+
+
+UPLOAD_PASS = 2.0  # runner.bucket.sync.UPLOAD_EVERY
+
+
+def uploaded_states(job: dict) -> list[int]:
+    """The steps of the states the job folder's head names."""
+    head = read_head(s3.S3Path.parse(job["out_dir"]))
+    return [int(rel[len("state/state-"):-len(".pt")]) for rel in head.files
+            if rel.startswith("state/") and rel.endswith(".pt")]
+
+
+def fake_training(folder: Path, step: int, evaluated: float | None = None) -> None:
+    """What the trainer leaves in its folder at `step`: a state with its manifest, metrics,
+    and at the end an evaluation."""
+    ckpt.save_state(folder, {"model": {"w": torch.full((2,), float(step))}, "optimizer": {},
+                             "step": step, "rng": {}, "config": {}})
+    ckpt.append_metrics(folder, {"step": step - 1, "loss": 1.0 / step})
+    if evaluated is not None:
+        (folder / ckpt.EVAL_FILE).write_text(json.dumps({"accuracy": evaluated}))
+
+
+def test_a_fenced_out_workers_late_uploads_replace_nothing(tmp_path, root):
+    out_dir = f"{root}/table_connectivity/job"
+    fenced: list[str] = []
+    zombie = JobSync(out_dir, 1, tmp_path / "zombie", budget=5, on_fenced=fenced.append)
+    fake_training(zombie.fetch(), 10)
+    zombie.upload()
+    # The zombie's lease expires (a network cut); attempt 2 claims the job on another host.
+    heir = JobSync(out_dir, 2, tmp_path / "heir", budget=5, on_fenced=fenced.append)
+    local = heir.fetch()
+    assert ckpt.load_latest_state(local, print)["step"] == 10  # resumed from the bucket
+    fake_training(local, 20, evaluated=0.75)
+    heir.upload()
+    # The zombie comes back and uploads what it trained meanwhile: refused.
+    fake_training(zombie.local, 30, evaluated=0.25)
+    with pytest.raises(Fenced):
+        zombie.upload()
+    assert fenced == ["attempt 2 took the job folder over; attempt 1 uploads nothing more"]
+    head = read_head(s3.S3Path.parse(out_dir))
+    assert head.attempt == 2
+    assert head.files[ckpt.EVAL_FILE] == attempt_key(2, ckpt.EVAL_FILE)
+    assert sorted(r for r in head.files if r.startswith("state/")) == [
+        "state/state-0000010.json", "state/state-0000010.pt",
+        "state/state-0000020.json", "state/state-0000020.pt"]
+    # Its objects went to keys of its own: the heir's are intact, and readers see the heir's.
+    job = s3.S3Path.parse(out_dir)
+    assert s3.get(job.join(attempt_key(1, ckpt.EVAL_FILE)))[0] == b'{"accuracy": 0.25}'
+    assert s3.get(job.join(attempt_key(2, ckpt.EVAL_FILE)))[0] == b'{"accuracy": 0.75}'
+    view = local_folder(out_dir)
+    assert json.loads((view / ckpt.EVAL_FILE).read_text()) == {"accuracy": 0.75}
+    # Nor can it take the folder back by claiming with its old number.
+    with pytest.raises(Fenced):
+        JobSync(out_dir, 1, tmp_path / "again", budget=5, on_fenced=fenced.append).fetch()
+
+
+def test_a_torn_or_unannounced_state_in_the_bucket_is_never_trusted(tmp_path, root):
+    out_dir = f"{root}/table_connectivity/job"
+    job = s3.S3Path.parse(out_dir)
+    first = JobSync(out_dir, 1, tmp_path / "a", budget=5, on_fenced=print)
+    local = first.fetch()
+    fake_training(local, 10)
+    fake_training(local, 20)
+    first.upload()
+    # Bit rot (or a server that kept half an object): the newest state no longer matches
+    # its manifest. And an upload cut before its manifest and the head: a state 30.
+    newest = job.join(read_head(job).files["state/state-0000020.pt"])
+    s3.put(newest, s3.get(newest)[0][:100])
+    s3.put(job.join(attempt_key(1, "state/state-0000030.pt")), b"half")
+    logged: list[str] = []
+    local = JobSync(out_dir, 2, tmp_path / "b", budget=5, on_fenced=print).fetch()
+    assert [p.name for p in ckpt.list_states(local)] == ["state-0000020.pt", "state-0000010.pt"]
+    assert ckpt.load_latest_state(local, logged.append)["step"] == 10
+    assert logged == ["ignoring state/state-0000020.pt: size or checksum mismatch (100 bytes); "
+                      "falling back"]
+
+
+def test_uploads_wait_out_a_server_outage_and_nothing_is_lost(tmp_path, root, s3_server):
+    folder, _ = s3_server
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    queue = plan(url, root, "--only", "model=gpt2", "--set", "training.train_steps=1500",
+                 "--set", "training.save_every_steps=50")
+    worker = start_worker(url, tmp_path / "host")
+    wait_for(lambda: queue.jobs()[0]["step"] >= 100, what="progress")
+    s3server.stop(folder)
+    try:
+        time.sleep(10)
+        assert queue.jobs()[0]["state"] == "running"  # training went on meanwhile
+    finally:
+        s3server.restart(folder)
+    err = finish(worker)
+    assert "retrying for up to 600s" in err
+    (job,) = queue.jobs()
+    assert (job["state"], job["claims"]) == ("succeeded", 1)
+    same_as_uninterrupted(job, tmp_path)
+
+
+# --- moving a bucket folder aside ----------------------------------------------------------------
+
+
+def test_requeue_fresh_and_plan_replace_move_the_objects_aside(tmp_path, root):
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    queue = plan(url, root, "--only", "model=gpt2")
+    finish(start_worker(url, tmp_path / "host"))
+    (job,) = queue.jobs()
+    folder = s3.S3Path.parse(job["out_dir"])
+    before = sorted(key[len(folder.key):] for key, _ in s3.listing(folder))
+    assert "/head.json" in before
+
+    fresh = runner(url, "requeue", "--fresh", job["name"])
+    assert fresh.returncode == 0, fresh.stderr
+    assert not s3.exists(folder)
+    (aside,) = _aside_all(folder)
+    assert sorted(key[len(aside.key):] for key, _ in s3.listing(aside)) == before
+    finish(start_worker(url, tmp_path / "host"))
+    (job,) = queue.jobs()
+    assert job["state"] == "succeeded" and read_head(folder).attempt == 2
+    assert "resuming" not in (local_folder(job["out_dir"]) / ckpt.LOG_FILE).read_text()
+
+    replaced = runner(url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
+                      "--only", "run=1", "--only", "model=gpt2", "--out-root", root,
+                      "--set", "training.learning_rate=0.01", "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not s3.exists(folder) and len(_aside_all(folder)) == 2
+
+
+def _aside_all(folder: s3.S3Path) -> list[s3.S3Path]:
+    parent = s3.S3Path(folder.bucket, folder.key.rsplit("/", 1)[0])
+    names = {key[len(parent.key) + 1:].split("/")[0] for key, _ in s3.listing(parent)}
+    return [parent.join(n) for n in sorted(names) if n.startswith(folder.name + ".replaced-")]
