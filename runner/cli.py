@@ -21,7 +21,7 @@ import click
 from db import DatabaseError, JobQueue, connect, mask_url
 from db.engine import NoQueue, default_url
 from db.queue import ORDERS, PlanReport
-from runner.bucket.s3 import BucketError
+from runner.bucket.s3 import BucketError, is_s3
 
 EXIT_BAD_INPUT = 2
 
@@ -766,7 +766,9 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
         cpus_per_worker=cpus_per_worker, mem=mem, account=account, qos=qos, cpu=cpu,
         grace=grace, signal=stop_signal, sbatch_args=list(sbatch_args),
         worker_args=["--lease", f"{lease:g}"] if lease else [])
-    logs = Path(logs or Path(pending[0]["out_dir"]).parents[1] / "logs").resolve()
+    first = pending[0]["out_dir"]  # beside the job folders; job folders in a bucket: runs/
+    logs = Path(logs or (Path("runs/logs") if is_s3(first)
+                         else Path(first).parents[1] / "logs")).resolve()
     try:
         nodes = array.partition_nodes(partition) if shutil.which("sinfo") else 1
     except array.SlurmError as e:

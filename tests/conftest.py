@@ -70,8 +70,10 @@ def s3_server(tmp_path_factory):
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
-    saved = {k: os.environ.get(k) for k in s3server.env(url)}
-    os.environ.update(s3server.env(url))
+    # Readers' copies (runner.bucket.view) in a folder of the session's, not ~/.cache.
+    env = {**s3server.env(url), "RUNNER_CACHE_DIR": str(folder / "cache")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     s3.forget_client()
     s3.client().create_bucket(Bucket=s3server.BUCKET)
     yield folder, url

@@ -40,6 +40,7 @@ QUEUE = "tests/test_queue.py"
 OPERATIONS = "tests/test_operations.py"
 LIVENESS = "tests/test_liveness.py"
 SLURM = "tests/test_slurm.py"
+BUCKET = "tests/test_bucket.py"
 
 MUTANTS = [
     # --- trainer: scores, checkpoints, atomic writes, labels --------------------------------
@@ -209,6 +210,22 @@ MUTANTS = [
            "STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)",
            "STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)",
            (SLURM, "-k", "signals_clusters")),
+    # --- runner.bucket: job folders in object storage ---------------------------------------
+    Mutant("a head write is conditional on the ETag read", "runner/bucket/jobfolder.py",
+           "etag = put(job.join(HEAD), body, if_match=head.etag, if_absent=head.etag is None)",
+           "etag = put(job.join(HEAD), body)",
+           (BUCKET, "-k", "fenced")),
+    Mutant("a claim never takes a folder from a newer attempt", "runner/bucket/jobfolder.py",
+           "    if head.attempt >= attempt:\n", "    if False:\n",
+           (BUCKET, "-k", "fenced")),
+    Mutant("a state goes up only with its manifest", "runner/bucket/sync.py",
+           "    present = set(files)\n    return [rel for rel in files if not _is_state(rel) or (",
+           "    present = set(files)\n    return [rel for rel in files if True or (",
+           (BUCKET, "-k", "still_being")),
+    Mutant("a refused head write stops the uploads", "runner/bucket/sync.py",
+           "            if newer.attempt == self.attempt:",
+           "            if True:",
+           (BUCKET, "-k", "fenced")),
 ]
 
 

@@ -303,6 +303,27 @@ def test_a_torn_or_unannounced_state_in_the_bucket_is_never_trusted(tmp_path, ro
                       "falling back"]
 
 
+def test_a_state_still_being_written_is_not_uploaded_until_its_manifest_is(tmp_path, root):
+    out_dir = f"{root}/table_connectivity/job"
+    sync = JobSync(out_dir, 1, tmp_path / "a", budget=5, on_fenced=print)
+    local = sync.fetch()
+    fake_training(local, 10)
+    fake_training(local, 20)
+    (local / "state/state-0000020.json").unlink()  # the trainer's manifest comes last
+    sync.upload()
+    job = s3.S3Path.parse(out_dir)
+    head = read_head(job)
+    assert sorted(r for r in head.files if r.startswith("state/")) == [
+        "state/state-0000010.json", "state/state-0000010.pt"]
+    assert not s3.get(job.join(attempt_key(1, "state/state-0000020.pt")))
+    fake_training(local, 30)  # whole: up with its manifest; 10 pruned here and there
+    sync.upload()
+    assert sorted(r for r in read_head(job).files if r.startswith("state/")) == [
+        "state/state-0000030.json", "state/state-0000030.pt"]
+    assert sorted(key.rsplit("/", 1)[1] for key, _ in s3.listing(job.join("a0001/state"))) == [
+        "state-0000030.json", "state-0000030.pt"]
+
+
 def test_uploads_wait_out_a_server_outage_and_nothing_is_lost(tmp_path, root, s3_server):
     folder, _ = s3_server
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"

@@ -89,9 +89,10 @@ def test_readme_hand_run_trainer_examples_run_as_written(tmp_path):
 
 def test_readme_code_layout_names_every_package_and_runner_module():
     section = README.split("## Code layout", 1)[1].split("\n## ", 1)[0]
-    for package in ("runner", "runner/reporting", "runner/slurm", "db", "trainer", "models",
-                    "conf", "bench", "tests"):
+    subpackages = sorted(str(p.parent.relative_to(ROOT)) for p in ROOT.glob("runner/*/__init__.py"))
+    assert {"runner/reporting", "runner/slurm", "runner/bucket"} <= set(subpackages)
+    for package in ("runner", *subpackages, "db", "trainer", "models", "conf", "bench", "tests"):
         assert f"`{package}/`" in section, package
-    for folder in ("runner", "runner/reporting", "runner/slurm"):
+    for folder in ("runner", *subpackages):
         for module in sorted((ROOT / folder).glob("[!_]*.py")):
             assert f"`{module.stem}`" in section, f"{folder}/{module.name}"
