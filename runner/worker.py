@@ -378,6 +378,10 @@ class Worker:
                 return "lost"
             except s3.BucketError as e:
                 return self._bucket_failed(claim, e, claim.step)
+            except OSError as e:  # the working copy cannot be made (disk full, permissions)
+                return self._bucket_failed(claim, s3.BucketError(
+                    f"cannot make the working copy in {sync.local}: {e.strerror or e}"),
+                    claim.step)
             sync.start()
         self.current = claim
         last_write = 0.0
