@@ -258,6 +258,9 @@ def test_a_fenced_out_workers_late_uploads_replace_nothing(tmp_path, root):
     heir = JobSync(out_dir, 2, tmp_path / "heir", budget=5, on_fenced=fenced.append)
     local = heir.fetch()
     assert ckpt.load_latest_state(local, print)["step"] == 10  # resumed from the bucket
+    head = read_head(s3.S3Path.parse(out_dir))  # taken over, the metrics under its own key
+    assert head.attempt == 2 and head.files[ckpt.METRICS_FILE] == attempt_key(2, "metrics.jsonl")
+    assert head.files["state/state-0000010.pt"] == attempt_key(1, "state/state-0000010.pt")
     fake_training(local, 20, evaluated=0.75)
     heir.upload()
     # The zombie comes back and uploads what it trained meanwhile: refused.
@@ -327,14 +330,18 @@ def test_a_state_still_being_written_is_not_uploaded_until_its_manifest_is(tmp_p
 def test_uploads_wait_out_a_server_outage_and_nothing_is_lost(tmp_path, root, s3_server):
     folder, _ = s3_server
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
-    queue = plan(url, root, "--only", "model=gpt2", "--set", "training.train_steps=1500",
+    queue = plan(url, root, "--only", "model=gpt2", "--set", "training.train_steps=600",
                  "--set", "training.save_every_steps=50")
     worker = start_worker(url, tmp_path / "host")
     wait_for(lambda: queue.jobs()[0]["step"] >= 100, what="progress")
     s3server.stop(folder)
+    stopped = time.monotonic()
     try:
-        time.sleep(10)
-        assert queue.jobs()[0]["state"] == "running"  # training went on meanwhile
+        # Training goes on without the bucket, to its end...
+        wait_for(lambda: queue.jobs()[0]["step"] == 600, what="the last step")
+        time.sleep(max(0.0, 10 - (time.monotonic() - stopped)))  # down for 10 s at least
+        # ...but the job is not finished before the bucket holds its final files.
+        assert queue.jobs()[0]["state"] == "running"
     finally:
         s3server.restart(folder)
     err = finish(worker)

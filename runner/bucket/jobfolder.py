@@ -49,7 +49,9 @@ def write_head(job: S3Path, head: Head, attempt: int, files: dict[str, str]) -> 
 def take_over(job: S3Path, attempt: int) -> Head:
     """Make `attempt` the head's owner, keeping its files; Fenced if a newer one owns it."""
     head = read_head(job)
-    if head.attempt >= attempt:
+    if head.attempt == attempt:  # our own write, retried after its answer was lost
+        return head
+    if head.attempt > attempt:
         raise Fenced(f"{job.url}: attempt {head.attempt} owns the folder, not {attempt}")
     try:
         return write_head(job, head, attempt, head.files)

@@ -72,8 +72,11 @@ class JobSync:
             target = self.local / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(found[0])
-        # What came down is in the bucket already: not sent again unless it changes.
-        self.sent = {rel: self._signature(rel) for rel in self._local_files()}
+        # States came down whole and never change: not sent again. The rest (config, metrics,
+        # log) goes up now under this attempt's keys, so the head names nothing that the
+        # attempt before, if it still runs somewhere, could overwrite.
+        self.sent = {rel: self._signature(rel) for rel in self._local_files() if _is_state(rel)}
+        self.upload()
         return self.local
 
     def _clear_old_copies(self) -> None:
