@@ -24,7 +24,9 @@ from runner.bucket.sync import JobSync
 from runner.bucket.view import local_folder
 from tests import s3server
 from tests.conftest import PYTHON, ROOT, runner_env
+from tests.extras import need
 from tests.test_dashboard import start_server, stop_server
+from tests.test_export import TB, points
 from tests.test_worker import wait_for
 from trainer import checkpoint as ckpt
 from trainer.train import run as train
@@ -196,6 +198,15 @@ def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_f
     assert [r["step"] for r in detail["metrics"]] == list(range(300))
     assert "finished: test accuracy" in detail["log_tail"]
     assert detail["files"]["folder"].endswith(resumed["name"])
+    figure = runner(url, "plot", "--out", str(tmp_path / "fig.png"), env=elsewhere)
+    assert figure.returncode == 0, figure.stderr
+    assert (tmp_path / "curves" / "curves_V5_N256.png").read_bytes()[:4] == b"\x89PNG"
+    # 300 steps x (loss, train accuracy) + 31 evaluations x 5 test metrics, per job
+    need("tensorboardX", TB)
+    export = runner(url, "export", "--tensorboard", str(tmp_path / "tb"), env=elsewhere)
+    assert export.returncode == 0, export.stderr
+    assert "exported 1510 new point(s) from 2 job(s)" in export.stdout
+    assert points(tmp_path / "tb" / resumed["name"])["train/loss"] == list(range(300))
 
 
 def test_a_worker_killed_during_an_upload_leaves_nothing_a_resume_trusts(tmp_path, root,
