@@ -50,6 +50,7 @@ class Collection:
     removed: list[Garbage] = field(default_factory=list)
     kept_states: int = 0                                  # jobs whose newest valid state stays
     left_alone: list[tuple[str, str]] = field(default_factory=list)   # (job, why)
+    in_bucket: int = 0  # job folders in a bucket: their workers delete superseded states
     failed: list[tuple[Path, str]] = field(default_factory=list)      # (path, why)
 
     @property
@@ -72,7 +73,7 @@ def collect_job(queue: JobQueue, job: dict, found: Collection, dry_run: bool = F
         found.left_alone.append((job["name"], "running"))
         return
     if is_s3(job["out_dir"]):  # workers delete a bucket folder's superseded states themselves
-        found.left_alone.append((job["name"], "in a bucket"))
+        found.in_bucket += 1
         return
     folders = [Path(job["out_dir"])] + (replaced_folders(job["out_dir"]) if replaced else [])
     for folder in folders:
@@ -198,6 +199,9 @@ def describe(found: Collection, dry_run: bool) -> str:
     lines = [f"{verb} {g.path}  ({g.kind}{': ' + g.detail if g.detail else ''}, "
              f"{human_bytes(g.size)})" for g in found.removed]
     lines += [f"left alone: {name} ({why})" for name, why in found.left_alone]
+    if found.in_bucket:
+        lines.append(f"left alone: {found.in_bucket} job folder(s) in a bucket (their workers "
+                     "delete superseded states as they go)")
     kinds = Counter(g.kind for g in found.removed)
     what = ", ".join(f"{n} {kind}{'' if kind == REPLACED else ' file'}{'s' * (n > 1)}"
                      for kind, n in kinds.items())

@@ -389,6 +389,9 @@ def test_requeue_fresh_and_plan_replace_move_the_objects_aside(tmp_path, root):
                       "--set", "training.learning_rate=0.01", "--replace")
     assert replaced.returncode == 0, replaced.stderr
     assert not s3.exists(folder) and len(_aside_all(folder)) == 2
+    gc = runner(url, "gc")
+    assert gc.returncode == 0, gc.stderr
+    assert "left alone: 1 job folder(s) in a bucket" in gc.stdout
 
 
 def _aside_all(folder: s3.S3Path) -> list[s3.S3Path]:
