@@ -491,7 +491,7 @@ class Worker:
         back to pending (its newest uploaded state is where it resumes) and the worker stops
         with an error."""
         log.error("%s: %s; job handed back, worker stopping", claim.name, error)
-        self.bucket_error = error
+        self.bucket_error, self.current = error, None
         self.stopping.set()
         with contextlib.suppress(LeaseLost):
             self.queue.release(claim, step)
