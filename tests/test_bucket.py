@@ -362,6 +362,22 @@ def test_uploads_wait_out_a_server_outage_and_nothing_is_lost(tmp_path, root, s3
     same_as_uninterrupted(job, tmp_path)
 
 
+def test_a_worker_that_cannot_reach_the_bucket_hands_the_job_back_and_exits_1(tmp_path, root):
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    queue = plan(url, root, "--only", "model=gpt2")
+    proc = subprocess.run(
+        [PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--db-outage", "0",
+         "--cache-dir", str(tmp_path / "host")], cwd=ROOT, capture_output=True, text=True,
+        env={**runner_env(url), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
+        timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {queue.jobs()[0]['out_dir']}: Could not connect to the "
+                           "endpoint URL") and last.endswith("; the job was handed back"), last
+    (job,) = queue.jobs()
+    assert (job["state"], job["claims"], job["attempts"]) == ("pending", 1, 0)
+
+
 # --- moving a bucket folder aside ----------------------------------------------------------------
 
 
