@@ -169,7 +169,7 @@ def test_disk_full_half_way_through_a_state_or_its_manifest(clean_run, tmp_path,
     stop_at(config, out, 12)
     real = atomic.write_atomic
 
-    def disk_full(path, write):
+    def disk_full(path, write, parents=True):
         path = Path(path)
         if path.parent.name == ckpt.STATE_DIR and path.suffix == failing:
             def half(f):
@@ -177,8 +177,8 @@ def test_disk_full_half_way_through_a_state_or_its_manifest(clean_run, tmp_path,
                 write(whole)
                 f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real(path, half)
-        return real(path, write)
+            return real(path, half, parents)
+        return real(path, write, parents)
 
     monkeypatch.setattr(atomic, "write_atomic", disk_full)
     with pytest.raises(OSError, match="No space left"):
