@@ -387,3 +387,25 @@ def test_the_signals_clusters_send_before_a_limit_make_a_worker_hand_back(tmp_pa
     [job] = queue.jobs()
     assert (job["state"], job["attempts"]) == ("pending", 0)
     assert 20 <= job["step"] < 5000
+
+
+def test_a_task_of_a_cancelled_launch_that_starts_late_claims_nothing(tmp_path):
+    """A task SLURM starts after `slurm cancel` marked its launch (one that was pending
+    between the cancel's steps, say) exits without claiming. No cluster needed: the task's
+    variables are SLURM's, the launch is the queue's."""
+    from tests.test_worker import plan as plan_local
+
+    url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
+    queue = plan_local(url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
+    queue.record_launch("slurm", "4242", 2, None, {})
+    queue.cancel_launch("slurm", "4242")
+    task = {"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "1"}
+    proc = subprocess.run([PYTHON, "-m", "runner", "worker", "--gpu", "cpu"], cwd=ROOT,
+                          env={**runner_env(url), **task}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "SLURM job 4242 was cancelled (python -m runner slurm cancel): not claiming" in (
+        proc.stderr)
+    assert [(j["state"], j["claims"]) for j in queue.jobs()] == [("pending", 0)] * 2
+    [worker] = queue.workers()
+    assert (worker["slurm_job_id"], worker["state"]) == ("4243", "exited")
