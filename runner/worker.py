@@ -12,6 +12,11 @@ writes are skipped, and a finish, failure or release waits until the database is
 within the queue's outage budget, see db/outage.py); every write stays fenced by the lease
 token, so a job taken over meanwhile gets nothing from this worker. Once the budget is
 spent, the job is checkpointed and the worker exits non-zero.
+
+A job whose folder lives in a bucket (s3://...) is trained in a local working copy
+(runner.bucket.sync): fetched on claim, uploaded in the background, and its end (finish,
+failure, hand-back) written to the queue only once the bucket holds its files. A bucket
+unusable past the same budget hands the job back and stops the worker with an error.
 """
 
 from __future__ import annotations
