@@ -207,8 +207,11 @@ def _train(config, out, device, on_progress, stop, log, writer, track) -> RunRes
             raise FolderMoved(f"{out} was moved away while training; stopping without writing")
 
     for i in range(start, total):
-        check_folder()  # first: a write that failed because the folder moved says so
-        writer.check()  # a failed write stops the run now, not at the next checkpoint
+        try:
+            writer.check()  # a failed write stops the run now, not at the next checkpoint
+        except OSError:
+            check_folder()  # a write that failed because the folder moved says so
+            raise
         idx = sample_indices(t["num_training_examples"], t["batch_size"], batches).to(device)
         x, y = embed(pool_ids[idx], tokens), pool_y[idx]  # (B, L, n_dims), (B,)
         with autocast(precision, device):

@@ -155,8 +155,6 @@ def with_retries(operation: Callable[[], T], where: str, budget: float,
     while True:
         try:
             return operation()
-        except Conflict:
-            raise
         except (BotoCoreError, ClientError, ConnectionError) as e:
             if not transient(e) or time.monotonic() - started + pause > budget or (
                     cancel is not None and cancel.is_set()):
@@ -206,12 +204,12 @@ def put(path: S3Path, data: bytes, if_match: str | None = None,
         raise
 
 
-def listing(prefix: S3Path) -> Iterator[tuple[str, int]]:
-    """(key, size) of every object under the folder `prefix`."""
+def listing(prefix: S3Path) -> Iterator[tuple[str, str]]:
+    """(key, ETag) of every object under the folder `prefix`."""
     paginator = client().get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key + "/"):
         for item in page.get("Contents", []):
-            yield item["Key"], item["Size"]
+            yield item["Key"], item["ETag"]
 
 
 def delete(bucket: str, keys: list[str]) -> None:

@@ -47,7 +47,7 @@ def local_folder(out_dir: str) -> Path:
 
 def _refresh(job: s3.S3Path, local: Path) -> None:
     head = read_head(job)
-    tags = {key: etag for key, etag in _etags(job)}
+    tags = dict(s3.listing(job))
     index_path = local / INDEX
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     for relative in READ_FILES:
@@ -68,9 +68,3 @@ def _refresh(job: s3.S3Path, local: Path) -> None:
     local.mkdir(parents=True, exist_ok=True)
     write_json_atomic(index_path, index)
 
-
-def _etags(job: s3.S3Path):
-    paginator = s3.client().get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=job.bucket, Prefix=job.key + "/"):
-        for item in page.get("Contents", []):
-            yield item["Key"], item["ETag"]
