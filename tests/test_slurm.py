@@ -278,8 +278,10 @@ def test_at_the_time_limit_workers_hand_back_and_requeue_themselves(env, tmp_pat
     queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
                  "--only", "model=gpt2", "--set", "training.train_steps=20000",
                  "--set", "training.save_every_steps=20")
-    # The stop signal comes 30 s before the 1-minute limit: ~30 s of each run trains.
-    job_id = submit(env, "--workers", "1", "--time", "1", "--grace", "30")
+    # SLURM checks time limits every 30 s and sends the --signal up to 30 s before it is
+    # due: with a 1-minute limit it could come the moment a task starts, before its worker
+    # has claimed. With 2 minutes and 60 s of grace it comes 30-60 s into a run.
+    job_id = submit(env, "--workers", "1", "--time", "2", "--grace", "60")
     [job] = queue.jobs()
 
     def resumed_after_a_hand_back() -> bool:
@@ -297,7 +299,7 @@ def test_at_the_time_limit_workers_hand_back_and_requeue_themselves(env, tmp_pat
     # SLURM's own delay before a requeued task starts again (~2 minutes), not skipped here:
     # a task started early by `scontrol update StartTime=now` gets its time-limit signal
     # within seconds (seen with SLURM 22.05), before a worker on a busy machine claims.
-    wait_for(resumed_after_a_hand_back, 420,
+    wait_for(resumed_after_a_hand_back, 600,
              "the job handed back at the limit and resumed by the requeued task")
     logs = slurm_logs(tmp_path, job_id)
     assert "SIGTERM: stopping after the current step" in logs, logs
