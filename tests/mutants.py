@@ -94,6 +94,10 @@ MUTANTS = [
            "    path.parent.mkdir(parents=parents, exist_ok=True)\n",
            "    path.parent.mkdir(parents=True, exist_ok=True)\n",
            (GUARDS, "-k", "moved_folder")),
+    Mutant("a write failed because the folder moved says moved", "trainer/train.py",
+           "            check_folder()  # a write that failed because the folder moved says so\n",
+           "            pass\n",
+           ("tests/test_train.py", "-k", "failed_because_the_folder_moved")),
     Mutant("labels are ±1", "trainer/data.py",
            "return hit.long() * 2 - 1", "return hit.long()",
            ("tests/test_data.py", "-k", "brute_force")),
@@ -234,6 +238,24 @@ MUTANTS = [
            "            if newer.attempt == self.attempt:",
            "            if True:",
            (BUCKET, "-k", "fenced")),
+    Mutant("a head write whose answer was lost is known as its own", "runner/bucket/sync.py",
+           "            if newer.attempt == self.attempt:",
+           "            if False:",
+           (BUCKET, "-k", "answer_was_lost")),
+    Mutant("superseded states are those the attempt last named", "runner/bucket/sync.py",
+           "            dropped = [key for rel, key in before.files.items()",
+           "            dropped = [key for rel, key in self.head.files.items()",
+           (BUCKET, "-k", "answer_was_lost")),
+    Mutant("a working copy in use is not cleared", "runner/bucket/sync.py",
+           "                with lock.acquire(timeout=0):\n"
+           "                    shutil.rmtree(old, ignore_errors=True)\n",
+           "                shutil.rmtree(old, ignore_errors=True)\n",
+           (BUCKET, "-k", "old_working_copies")),
+    Mutant("a bucket folder's head is deleted first", "runner/bucket/s3.py",
+           "    delete(source.bucket, [k for k in keys if k == first])\n"
+           "    delete(source.bucket, [k for k in keys if k != first])\n",
+           "    delete(source.bucket, keys)\n",
+           (BUCKET, "-k", "deletes_its_head")),
 ]
 
 

@@ -186,6 +186,34 @@ def test_a_folder_moved_away_while_training_gets_no_more_writes(tmp_path):
     assert [r["step"] for r in ckpt.read_metrics(aside)] == [0, 1, 2]
 
 
+
+def test_a_write_that_failed_because_the_folder_moved_stops_the_run_as_moved(tmp_path,
+                                                                            monkeypatch):
+    """The move is noticed first through the failed background write (at the next step's
+    start, before the folder's own check): the run still stops with FolderMoved, which the
+    worker reads as a replaced job, not with the write's FileNotFoundError."""
+    out, aside = tmp_path / "job", tmp_path / "job.replaced"
+    moved, real_save = threading.Event(), ckpt.save_state
+
+    def save_after_the_move(folder, state):
+        if state["step"] == 6:
+            assert moved.wait(30)
+        return real_save(folder, state)
+
+    def move(p):
+        if p.step == 7:  # the state after step 6 is being written
+            out.rename(aside)
+            moved.set()
+            for thread in threading.enumerate():
+                if thread.name == "checkpoint-writer":
+                    thread.join(30)  # its write has failed before the next step starts
+
+    monkeypatch.setattr(ckpt, "save_state", save_after_the_move)
+    with pytest.raises(FolderMoved):
+        run(smoke(steps=10, **{"training.save_every_steps": 5}), out, on_progress=move)
+    assert not out.exists()
+    assert [r["step"] for r in ckpt.read_metrics(aside)] == list(range(7))
+
 # --- checkpoints written in the background ------------------------------------------------------
 
 
