@@ -29,6 +29,7 @@ from tests.test_dashboard import start_server, stop_server
 from tests.test_export import TB, points
 from tests.test_worker import wait_for
 from trainer import checkpoint as ckpt
+from trainer.files import LOCK_FILE
 from trainer.train import run as train
 
 pytestmark = pytest.mark.slow
@@ -295,6 +296,91 @@ def test_a_fenced_out_workers_late_uploads_replace_nothing(tmp_path, root):
     with pytest.raises(Fenced):
         JobSync(out_dir, 1, tmp_path / "again", budget=5, on_fenced=fenced.append).fetch()
 
+
+
+def test_a_head_write_whose_answer_was_lost_is_known_as_its_own(tmp_path, root, monkeypatch):
+    """The server took a head write but its answer was lost (a connection cut): the retry,
+    conditional on the ETag seen before, is refused. The worker finds its own attempt in the
+    head and writes again, instead of taking itself for fenced out; the states the lost write
+    superseded are still deleted."""
+    from botocore.exceptions import ConnectionClosedError
+
+    from runner.bucket import jobfolder
+
+    out_dir = f"{root}/table_connectivity/job"
+    job = s3.S3Path.parse(out_dir)
+    fenced: list[str] = []
+    sync = JobSync(out_dir, 1, tmp_path / "a", budget=5, on_fenced=fenced.append)
+    local = sync.fetch()
+    fake_training(local, 10)
+    fake_training(local, 20)
+    sync.upload()
+    real_put, lost = jobfolder.put, []
+
+    def answer_lost_once(path, data, **conditions):
+        etag = real_put(path, data, **conditions)
+        if not lost:
+            lost.append(path.key)
+            raise ConnectionClosedError(endpoint_url=path.url)
+        return etag
+
+    monkeypatch.setattr(jobfolder, "put", answer_lost_once)
+    fake_training(local, 30)  # the trainer keeps 2 states: 10 goes
+    sync.upload()
+    assert lost == [job.join("head.json").key]
+    assert (fenced, sync.fenced) == ([], False)
+    assert sorted(r for r in read_head(job).files if r.startswith("state/")) == [
+        "state/state-0000020.json", "state/state-0000020.pt",
+        "state/state-0000030.json", "state/state-0000030.pt"]
+    assert sorted(key.rsplit("/", 1)[1] for key, _ in s3.listing(job.join("a0001/state"))) == [
+        "state-0000020.json", "state-0000020.pt", "state-0000030.json", "state-0000030.pt"]
+    fake_training(local, 40)  # and uploads go on
+    sync.upload()
+    assert "state/state-0000040.pt" in read_head(job).files
+
+
+def test_a_claim_clears_old_working_copies_but_not_one_in_use(tmp_path, root):
+    """Copies left on this host by earlier attempts (a worker killed) go at the next claim,
+    except one whose folder lock a live process still holds."""
+    out_dir = f"{root}/table_connectivity/job"
+    home = tmp_path / "cache" / "jobs" / s3server.BUCKET / s3.S3Path.parse(out_dir).key
+    for attempt in (1, 2):
+        (home / f"attempt-{attempt}").mkdir(parents=True)
+        (home / f"attempt-{attempt}" / "metrics.jsonl").write_text("{}\n")
+    holder = subprocess.Popen(
+        [PYTHON, "-c", "import filelock, sys, time; lock = filelock.FileLock(sys.argv[1]); "
+         "lock.acquire(); print('held', flush=True); time.sleep(120)",
+         str(home / "attempt-1" / LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        JobSync(out_dir, 3, tmp_path / "cache", budget=5, on_fenced=print).fetch()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in home.iterdir()) == ["attempt-1", "attempt-3"]
+
+
+def test_moving_a_bucket_folder_deletes_its_head_before_the_rest(root, monkeypatch):
+    """S3 has no rename: a move copies, then deletes. The head goes first, so a move cut short
+    leaves at the old address no folder whose head names objects already gone."""
+    source, target = s3.S3Path.parse(f"{root}/job"), s3.S3Path.parse(f"{root}/job.aside")
+    keys = ["head.json", "a0001/config.json", "a0001/state/state-0000010.pt"]
+    for key in keys:
+        s3.put(source.join(key), key.encode())
+    deleted: list[list[str]] = []
+    real_delete = s3.delete
+
+    def recording_delete(bucket, chunk):
+        deleted.append(sorted(k[len(source.key) + 1:] for k in chunk))
+        real_delete(bucket, chunk)
+
+    monkeypatch.setattr(s3, "delete", recording_delete)
+    assert s3.move_folder(source, target, delete_first="head.json") == 3
+    assert deleted == [["head.json"], ["a0001/config.json", "a0001/state/state-0000010.pt"]]
+    assert not s3.exists(source)
+    assert sorted((k[len(target.key) + 1:], s3.get(s3.S3Path(target.bucket, k))[0])
+                  for k, _ in s3.listing(target)) == sorted((k, k.encode()) for k in keys)
 
 def test_a_torn_or_unannounced_state_in_the_bucket_is_never_trusted(tmp_path, root):
     out_dir = f"{root}/table_connectivity/job"

@@ -143,10 +143,10 @@ class JobSync:
                     wanted[rel] = self.head.files[rel]
             if wanted == self.head.files:
                 return
-            new = self._point_head(wanted)
-            dropped = [key for rel, key in self.head.files.items()
-                       if _is_state(rel) and key not in new.files.values()]
-            self.head = new
+            before = self.head  # what this attempt last named (a lost answer may change it)
+            self.head = self._point_head(wanted)
+            dropped = [key for rel, key in before.files.items()
+                       if _is_state(rel) and key not in self.head.files.values()]
             if dropped:  # superseded states: the head no longer names them
                 self._retry(lambda: s3.delete(self.job.bucket,
                                               [self.job.join(k).key for k in dropped]),
