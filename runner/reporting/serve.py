@@ -16,8 +16,9 @@ Beyond loopback every request needs a token (`TokenGate`): in the URL
 `Authorization: Bearer ...`. On loopback a token is needed only when given.
 
 Read-only: the queue is opened once (see `open_readonly`) and only read.
-When the database is locked or unreachable, the API answers 503 with the
-reason (password masked), the page shows it in a banner and keeps polling.
+When the database is locked or unreachable, or a bucket holding job folders
+cannot be read, the API answers 503 with the reason (password masked), the
+page shows it in a banner and keeps polling.
 Nothing served holds a password or a path outside the runs folder
 (runner.reporting.views.Redactor); job names in URLs must be known jobs.
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from db import DatabaseError, JobQueue, connect, mask_url
+from runner.bucket.s3 import BucketError
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -265,6 +267,14 @@ def make_app(dashboard: Dashboard, host: str = "127.0.0.1", token: str | None = 
                             status_code=503, headers={"Cache-Control": "no-store",
                                                       "Retry-After": "3"})
 
+    def bucket_error(request: Request, exc: Exception) -> Response:
+        from runner.reporting.views import Redactor
+
+        log.warning("bucket: %s", exc)
+        return JSONResponse({"error": Redactor([]).text(str(exc)), "bucket": "unavailable"},
+                            status_code=503, headers={"Cache-Control": "no-store",
+                                                      "Retry-After": "3"})
+
     def server_error(request: Request, exc: Exception) -> Response:
         log.exception("%s failed", request.url.path)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
@@ -287,6 +297,7 @@ def make_app(dashboard: Dashboard, host: str = "127.0.0.1", token: str | None = 
         middleware.append(Middleware(TokenGate, token=token))
     return Starlette(routes=routes, middleware=middleware,
                      exception_handlers={DatabaseError: database_error,
+                                         BucketError: bucket_error,
                                          Exception: server_error})
 
 
