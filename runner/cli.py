@@ -901,7 +901,8 @@ def gc_command(ctx, dry_run, replaced):
 
     Removes older and invalid training states and the temp files of unfinished
     writes (with --replaced, the replaced folders too) and says how much that
-    freed. A running job's folders are left alone.
+    freed. A running job's folders are left alone. In a bucket: the objects no
+    head can name again (an older attempt's, unnamed).
     """
     from runner.disk import collect, describe
 

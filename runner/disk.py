@@ -7,6 +7,10 @@ state counts: the one a resume loads, found by the trainer's own loader. Older s
 invalid ones and the temp files of unfinished writes are garbage; so, on request, are the
 folders that `plan --replace` and `requeue --fresh` moved aside.
 
+A job folder in a bucket has no lock and needs none: gc deletes only objects of attempts
+older than the head's owner that the head does not name (runner.bucket.jobfolder.unreferenced),
+which no attempt can name again; its workers delete superseded states themselves.
+
 A running job's folders are never touched. A job's row is read before its folder is
 looked at and read again while holding the folder's lock (the trainer's own, so no
 training is in flight there): a job claimed meanwhile is seen running and left alone, and
@@ -28,16 +32,16 @@ import filelock
 from db import JobQueue
 from runner.bucket.s3 import is_s3
 from runner.folders import replaced_folders
-from trainer.files import LOCK_FILE
+from trainer.files import LOCK_FILE, STATE_DIR
 
-SUPERSEDED, INVALID, STRAY, UNFINISHED, REPLACED = (
+SUPERSEDED, INVALID, STRAY, UNFINISHED, REPLACED, UNREFERENCED = (
     "superseded state", "invalid state", "stray manifest", "unfinished write",
-    "replaced folder")
+    "replaced folder", "unreferenced object")
 
 
 @dataclass(frozen=True)
 class Garbage:
-    path: Path
+    path: Path | str  # a file or folder on disk, or an s3:// address
     size: int       # bytes (a folder: every file in it)
     kind: str       # one of the kinds above
     detail: str = ""
@@ -50,8 +54,7 @@ class Collection:
     removed: list[Garbage] = field(default_factory=list)
     kept_states: int = 0                                  # jobs whose newest valid state stays
     left_alone: list[tuple[str, str]] = field(default_factory=list)   # (job, why)
-    in_bucket: int = 0  # job folders in a bucket: their workers delete superseded states
-    failed: list[tuple[Path, str]] = field(default_factory=list)      # (path, why)
+    failed: list[tuple[Path | str, str]] = field(default_factory=list)  # (path, why)
 
     @property
     def freed(self) -> int:
@@ -72,8 +75,8 @@ def collect_job(queue: JobQueue, job: dict, found: Collection, dry_run: bool = F
     if job["state"] == "running":
         found.left_alone.append((job["name"], "running"))
         return
-    if is_s3(job["out_dir"]):  # workers delete a bucket folder's superseded states themselves
-        found.in_bucket += 1
+    if is_s3(job["out_dir"]):
+        collect_bucket_job(job, found, dry_run=dry_run, replaced=replaced)
         return
     folders = [Path(job["out_dir"])] + (replaced_folders(job["out_dir"]) if replaced else [])
     for folder in folders:
@@ -98,6 +101,31 @@ def collect_job(queue: JobQueue, job: dict, found: Collection, dry_run: bool = F
                         found.removed.append(item)
         except OSError as e:  # no lock (e.g. a read-only folder), or a state unreadable now
             found.failed.append((folder, e.strerror or str(e)))
+
+
+def collect_bucket_job(job: dict, found: Collection, dry_run: bool = False,
+                       replaced: bool = False) -> None:
+    """A bucket folder's garbage into `found`: objects no head can name again, and with
+    `replaced` the folders moved aside."""
+    from runner.bucket import s3
+    from runner.bucket.jobfolder import unreferenced
+
+    folder = s3.S3Path.parse(job["out_dir"])
+    try:
+        head, stale = unreferenced(folder)
+        found.kept_states += any(rel.startswith(STATE_DIR + "/") for rel in head.files)
+        garbage = [Garbage(folder.join(rel).url, size, UNREFERENCED)
+                   for rel, size in sorted(stale.items())]
+        if replaced:
+            garbage += [Garbage(aside.url, sum(s3.sizes(aside).values()), REPLACED)
+                        for aside in replaced_folders(job["out_dir"])]
+    except Exception as e:  # botocore's, or a head that is not JSON
+        found.failed.append((folder.url, s3.describe(e, folder.url).removeprefix(
+            folder.url + ": ")))
+        return
+    for item in garbage:
+        if dry_run or remove(item, found):
+            found.removed.append(item)
 
 
 def job_state(queue: JobQueue, job_id: int) -> str | None:
@@ -169,7 +197,9 @@ def tree_size(folder: Path) -> int:
 
 
 def remove(item: Garbage, found: Collection) -> bool:
-    """Delete one file or replaced folder; a failure goes into `found.failed`."""
+    """Delete one file, object or replaced folder; a failure goes into `found.failed`."""
+    if is_s3(str(item.path)):
+        return remove_from_bucket(item, found)
     try:
         if item.kind == REPLACED:
             shutil.rmtree(item.path)
@@ -178,6 +208,21 @@ def remove(item: Garbage, found: Collection) -> bool:
         return True
     except OSError as e:
         found.failed.append((item.path, e.strerror or str(e)))
+        return False
+
+
+def remove_from_bucket(item: Garbage, found: Collection) -> bool:
+    from runner.bucket import s3
+
+    path = s3.S3Path.parse(str(item.path))
+    try:
+        if item.kind == REPLACED:
+            s3.delete_folder(path)
+        else:
+            s3.delete(path.bucket, [path.key])
+        return True
+    except Exception as e:  # botocore's
+        found.failed.append((item.path, s3.describe(e, path.url).removeprefix(path.url + ": ")))
         return False
 
 
@@ -199,11 +244,9 @@ def describe(found: Collection, dry_run: bool) -> str:
     lines = [f"{verb} {g.path}  ({g.kind}{': ' + g.detail if g.detail else ''}, "
              f"{human_bytes(g.size)})" for g in found.removed]
     lines += [f"left alone: {name} ({why})" for name, why in found.left_alone]
-    if found.in_bucket:
-        lines.append(f"left alone: {found.in_bucket} job folder(s) in a bucket (their workers "
-                     "delete superseded states as they go)")
     kinds = Counter(g.kind for g in found.removed)
-    what = ", ".join(f"{n} {kind}{'' if kind == REPLACED else ' file'}{'s' * (n > 1)}"
+    what = ", ".join(f"{n} {kind}{'' if kind in (REPLACED, UNREFERENCED) else ' file'}"
+                     f"{'s' * (n > 1)}"
                      for kind, n in kinds.items())
     lines.append(f"{'would free' if dry_run else 'freed'} {human_bytes(found.freed)} "
                  f"({found.freed} bytes){': ' + what if what else ''}; kept the newest valid "

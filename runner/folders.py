@@ -48,13 +48,19 @@ def _move_bucket_folder(folder: s3.S3Path, stamp: str) -> str | None:
     return target.url
 
 
-def replaced_folders(out_dir: str) -> list[Path]:
+def replaced_folders(out_dir: str) -> list[Path] | list[s3.S3Path]:
     """The folders `move_aside` made of `out_dir`, by name."""
     if s3.is_s3(out_dir):
-        return []  # gc frees folders on disk only
+        folder = s3.S3Path.parse(out_dir)
+        return sorted((p for p in s3.subfolders(folder.with_name(""))
+                       if _is_replaced(folder.name, p.name)), key=lambda p: p.key)
     folder = Path(out_dir)
-    pattern = re.compile(re.escape(folder.name + REPLACED) + r"\d{8}T\d{6}Z(-\d+)?")
     if not folder.parent.is_dir():
         return []
     return sorted(p for p in folder.parent.iterdir()
-                  if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
+                  if _is_replaced(folder.name, p.name) and p.is_dir() and not p.is_symlink())
+
+
+def _is_replaced(name: str, candidate: str) -> bool:
+    return re.fullmatch(re.escape(name + REPLACED) + r"\d{8}T\d{6}Z(-\d+)?",
+                        candidate) is not None

@@ -256,6 +256,17 @@ MUTANTS = [
            "    delete(source.bucket, [k for k in keys if k != first])\n",
            "    delete(source.bucket, keys)\n",
            (BUCKET, "-k", "deletes_its_head")),
+    Mutant("gc spares the head owner's unnamed objects", "runner/bucket/jobfolder.py",
+           "if attempt is not None and attempt < head.attempt and relative not in named:",
+           "if attempt is not None and attempt <= head.attempt and relative not in named:",
+           (BUCKET, "-k", "torn")),
+    Mutant("gc spares what the head names", "runner/bucket/jobfolder.py",
+           "if attempt is not None and attempt < head.attempt and relative not in named:",
+           "if attempt is not None and attempt < head.attempt:",
+           (BUCKET, "-k", "fenced")),
+    Mutant("the dashboard says when the bucket cannot be read", "runner/reporting/serve.py",
+           "                                         BucketError: bucket_error,\n", "",
+           (BUCKET, "-k", "readers_need_no_local")),
 ]
 
 

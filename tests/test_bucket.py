@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -19,9 +20,10 @@ import torch
 
 from db import JobQueue, connect
 from runner.bucket import s3
-from runner.bucket.jobfolder import Fenced, attempt_key, read_head
+from runner.bucket.jobfolder import Fenced, attempt_key, read_head, unreferenced
 from runner.bucket.sync import JobSync
 from runner.bucket.view import local_folder
+from runner.disk import Collection, collect_bucket_job
 from tests import s3server
 from tests.conftest import PYTHON, ROOT, runner_env
 from tests.extras import need
@@ -148,7 +150,7 @@ def test_plan_refuses_a_bucket_it_could_not_write_in_one_line(tmp_path, s3_serve
 
 
 def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_files(
-        tmp_path, root):
+        tmp_path, root, monkeypatch):
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
     queue = plan(url, root, "--set", "training.train_steps=300",
                  "--set", "training.save_every_steps=20")
@@ -199,6 +201,27 @@ def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_f
     assert [r["step"] for r in detail["metrics"]] == list(range(300))
     assert "finished: test accuracy" in detail["log_tail"]
     assert detail["files"]["folder"].endswith(resumed["name"])
+    # The bucket unreachable: one line, exit 2, and the dashboard's API answers 503 with it.
+    nowhere = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+               "RUNNER_CACHE_DIR": str(tmp_path / "cut-off-cache")}
+    cut_off = runner(url, "results", env=nowhere)
+    [line] = cut_off.stderr.strip().splitlines()
+    assert cut_off.returncode == 2 and line.startswith(f"error: {root}/"), cut_off.stderr
+    assert "Could not connect to the endpoint URL" in line
+    monkeypatch.setenv("AWS_ENDPOINT_URL", nowhere["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("RUNNER_CACHE_DIR", nowhere["RUNNER_CACHE_DIR"])
+    proc, base = start_server(url, cwd=tmp_path)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(base + f"api/jobs/{resumed['name']}", timeout=30)
+        body = json.loads(answer.value.read())
+        status = urllib.request.urlopen(base + "api/status", timeout=30).status
+    finally:
+        stop_server(proc)
+    assert answer.value.code == 503 and body["bucket"] == "unavailable"
+    assert "Could not connect to the endpoint URL" in body["error"], body
+    assert status == 200  # the queue itself is read as ever
+    monkeypatch.undo()
     figure = runner(url, "plot", "--out", str(tmp_path / "fig.png"), env=elsewhere)
     assert figure.returncode == 0, figure.stderr
     assert (tmp_path / "curves" / "curves_V5_N256.png").read_bytes()[:4] == b"\x89PNG"
@@ -295,6 +318,17 @@ def test_a_fenced_out_workers_late_uploads_replace_nothing(tmp_path, root):
     # Nor can it take the folder back by claiming with its old number.
     with pytest.raises(Fenced):
         JobSync(out_dir, 1, tmp_path / "again", budget=5, on_fenced=fenced.append).fetch()
+    # gc deletes its late objects, which no head can name again, and nothing else.
+    found = Collection()
+    collect_bucket_job({"out_dir": out_dir}, found)
+    assert sorted(g.path for g in found.removed) == [f"{out_dir}/{attempt_key(1, rel)}" for rel in (
+        "eval.json", "metrics.jsonl", "state/state-0000030.json", "state/state-0000030.pt")]
+    assert (found.failed, found.kept_states) == ([], 1)
+    head = read_head(job)
+    assert sorted(key for key, _ in s3.listing(job)) == sorted(
+        job.join(k).key for k in [*head.files.values(), "head.json"])
+    local = JobSync(out_dir, 3, tmp_path / "third", budget=5, on_fenced=print).fetch()
+    assert ckpt.load_latest_state(local, print)["step"] == 20
 
 
 
@@ -395,8 +429,13 @@ def test_a_torn_or_unannounced_state_in_the_bucket_is_never_trusted(tmp_path, ro
     newest = job.join(read_head(job).files["state/state-0000020.pt"])
     s3.put(newest, s3.get(newest)[0][:100])
     s3.put(job.join(attempt_key(1, "state/state-0000030.pt")), b"half")
+    # Not garbage yet: attempt 1 still owns the head and may be about to name it.
+    assert unreferenced(job)[1] == {}
     logged: list[str] = []
     local = JobSync(out_dir, 2, tmp_path / "b", budget=5, on_fenced=print).fetch()
+    assert unreferenced(job)[1] == {attempt_key(1, "state/state-0000030.pt"): 4,
+                                    attempt_key(1, "metrics.jsonl"): len(
+                                        (local / ckpt.METRICS_FILE).read_bytes())}
     assert [p.name for p in ckpt.list_states(local)] == ["state-0000020.pt", "state-0000010.pt"]
     assert ckpt.load_latest_state(local, logged.append)["step"] == 10
     assert logged == ["ignoring state/state-0000020.pt: size or checksum mismatch (100 bytes); "
@@ -491,9 +530,18 @@ def test_requeue_fresh_and_plan_replace_move_the_objects_aside(tmp_path, root):
                       "--set", "training.learning_rate=0.01", "--replace")
     assert replaced.returncode == 0, replaced.stderr
     assert not s3.exists(folder) and len(_aside_all(folder)) == 2
-    gc = runner(url, "gc")
+    finish(start_worker(url, tmp_path / "host"))
+    gc = runner(url, "gc", "--replaced", "--dry-run")
     assert gc.returncode == 0, gc.stderr
-    assert "left alone: 1 job folder(s) in a bucket" in gc.stdout
+    asides = _aside_all(folder)
+    assert [line.split("  ")[0] for line in gc.stdout.splitlines()[:-1]] == [
+        f"would remove {aside.url}" for aside in asides]
+    assert gc.stdout.splitlines()[-1].endswith(": 2 replaced folders; kept the newest valid "
+                                               "state of 1 job(s) and every snapshot")
+    gc = runner(url, "gc", "--replaced")
+    assert gc.returncode == 0, gc.stderr
+    assert _aside_all(folder) == [] and read_head(folder).attempt == 3  # claims never reset
+    assert queue.jobs()[0]["state"] == "succeeded"
 
 
 def _aside_all(folder: s3.S3Path) -> list[s3.S3Path]:

@@ -11,9 +11,10 @@ cut) finds its write refused and whatever it uploads late is never read.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
-from runner.bucket.s3 import Conflict, S3Path, get, put
+from runner.bucket.s3 import Conflict, S3Path, get, put, sizes
 
 HEAD = "head.json"
 
@@ -64,3 +65,30 @@ def take_over(job: S3Path, attempt: int) -> Head:
 def attempt_key(attempt: int, relative: str) -> str:
     """Where `attempt` uploads the folder's file `relative`."""
     return f"a{attempt:04d}/{relative}"
+
+
+def attempt_of(relative_key: str) -> int | None:
+    """The attempt that uploaded `relative_key` ('a0007/...' -> 7); None for the head."""
+    found = re.fullmatch(r"a(\d{4,})/.+", relative_key)
+    return int(found.group(1)) if found else None
+
+
+def unreferenced(job: S3Path) -> tuple[Head, dict[str, int]]:
+    """The head, and the objects no head can name again (relative key -> bytes): those of
+    attempts older than the head's owner that it does not name, i.e. a fenced-out attempt's
+    late uploads, or uploads a killed attempt left without a head naming them.
+
+    Safe while workers run: a head's owner names only keys its head already names or keys
+    of its own, and only newer attempts take a head over, so an older attempt's key that the
+    head does not name now is never named again. The objects are listed before the head is
+    read: one uploaded after the listing is not judged."""
+    objects = sizes(job)
+    head = read_head(job)
+    named = set(head.files.values())
+    stale = {}
+    for key, size in objects.items():
+        relative = key[len(job.key) + 1:]
+        attempt = attempt_of(relative)
+        if attempt is not None and attempt < head.attempt and relative not in named:
+            stale[relative] = size
+    return head, stale

@@ -204,12 +204,33 @@ def put(path: S3Path, data: bytes, if_match: str | None = None,
         raise
 
 
-def listing(prefix: S3Path) -> Iterator[tuple[str, str]]:
-    """(key, ETag) of every object under the folder `prefix`."""
+def _objects(prefix: S3Path) -> Iterator[dict]:
+    """The listing entries (Key, ETag, Size, ...) of every object under the folder `prefix`."""
     paginator = client().get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key + "/"):
-        for item in page.get("Contents", []):
-            yield item["Key"], item["ETag"]
+        yield from page.get("Contents", [])
+
+
+def listing(prefix: S3Path) -> Iterator[tuple[str, str]]:
+    """(key, ETag) of every object under the folder `prefix`."""
+    for item in _objects(prefix):
+        yield item["Key"], item["ETag"]
+
+
+def sizes(prefix: S3Path) -> dict[str, int]:
+    """key -> bytes of every object under the folder `prefix`."""
+    return {item["Key"]: item["Size"] for item in _objects(prefix)}
+
+
+def subfolders(prefix: S3Path) -> list[S3Path]:
+    """The folders directly under `prefix` (the bucket's root when its key is empty)."""
+    paginator = client().get_paginator("list_objects_v2")
+    start = prefix.key + "/" if prefix.key else ""
+    found = []
+    for page in paginator.paginate(Bucket=prefix.bucket, Prefix=start, Delimiter="/"):
+        found += [S3Path(prefix.bucket, p["Prefix"].rstrip("/"))
+                  for p in page.get("CommonPrefixes", [])]
+    return found
 
 
 def delete(bucket: str, keys: list[str]) -> None:
@@ -232,6 +253,11 @@ def move_folder(source: S3Path, target: S3Path, delete_first: str = "") -> int:
     delete(source.bucket, [k for k in keys if k == first])
     delete(source.bucket, [k for k in keys if k != first])
     return len(keys)
+
+
+def delete_folder(prefix: S3Path) -> None:
+    """Delete every object under the folder `prefix`."""
+    delete(prefix.bucket, [key for key, _ in listing(prefix)])
 
 
 def exists(prefix: S3Path) -> bool:
