@@ -265,7 +265,7 @@ MUTANTS = [
            "if attempt is not None and attempt < head.attempt:",
            (BUCKET, "-k", "fenced")),
     Mutant("the dashboard says when the bucket cannot be read", "runner/reporting/serve.py",
-           "                                         BucketError: bucket_error,\n", "",
+           "                                         BucketError: unavailable(\"bucket\"),\n", "",
            (BUCKET, "-k", "readers_need_no_local")),
 ]
 

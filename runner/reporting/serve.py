@@ -259,21 +259,17 @@ def make_app(dashboard: Dashboard, host: str = "127.0.0.1", token: str | None = 
         return Response(png, media_type="image/png",
                         headers={"Cache-Control": "no-store", **SECURITY_HEADERS})
 
-    def database_error(request: Request, exc: Exception) -> Response:
-        from runner.reporting.views import Redactor
+    def unavailable(what: str):
+        """A handler answering 503 with the reason: `what` (the database, a bucket) could not
+        be read; the page shows it and keeps polling."""
+        def handler(request: Request, exc: Exception) -> Response:
+            from runner.reporting.views import Redactor
 
-        log.warning("database: %s", exc)
-        return JSONResponse({"error": Redactor([]).text(str(exc)), "database": "unavailable"},
-                            status_code=503, headers={"Cache-Control": "no-store",
-                                                      "Retry-After": "3"})
-
-    def bucket_error(request: Request, exc: Exception) -> Response:
-        from runner.reporting.views import Redactor
-
-        log.warning("bucket: %s", exc)
-        return JSONResponse({"error": Redactor([]).text(str(exc)), "bucket": "unavailable"},
-                            status_code=503, headers={"Cache-Control": "no-store",
-                                                      "Retry-After": "3"})
+            log.warning("%s: %s", what, exc)
+            return JSONResponse({"error": Redactor([]).text(str(exc)), what: "unavailable"},
+                                status_code=503, headers={"Cache-Control": "no-store",
+                                                          "Retry-After": "3"})
+        return handler
 
     def server_error(request: Request, exc: Exception) -> Response:
         log.exception("%s failed", request.url.path)
@@ -296,8 +292,8 @@ def make_app(dashboard: Dashboard, host: str = "127.0.0.1", token: str | None = 
     if token:
         middleware.append(Middleware(TokenGate, token=token))
     return Starlette(routes=routes, middleware=middleware,
-                     exception_handlers={DatabaseError: database_error,
-                                         BucketError: bucket_error,
+                     exception_handlers={DatabaseError: unavailable("database"),
+                                         BucketError: unavailable("bucket"),
                                          Exception: server_error})
 
 
