@@ -120,8 +120,7 @@ def collect_bucket_job(job: dict, found: Collection, dry_run: bool = False,
             garbage += [Garbage(aside.url, sum(s3.sizes(aside).values()), REPLACED)
                         for aside in replaced_folders(job["out_dir"])]
     except Exception as e:  # botocore's, or a head that is not JSON
-        found.failed.append((folder.url, s3.describe(e, folder.url).removeprefix(
-            folder.url + ": ")))
+        bucket_failure(found, folder.url, e)
         return
     for item in garbage:
         if dry_run or remove(item, found):
@@ -222,8 +221,15 @@ def remove_from_bucket(item: Garbage, found: Collection) -> bool:
             s3.delete(path.bucket, [path.key])
         return True
     except Exception as e:  # botocore's
-        found.failed.append((item.path, s3.describe(e, path.url).removeprefix(path.url + ": ")))
+        bucket_failure(found, path.url, e)
         return False
+
+
+def bucket_failure(found: Collection, url: str, error: Exception) -> None:
+    """`url` could not be cleaned: into `found.failed`, with the reason as one line."""
+    from runner.bucket import s3
+
+    found.failed.append((url, s3.describe(error, url).removeprefix(url + ": ")))
 
 
 def human_bytes(n: int) -> str:
