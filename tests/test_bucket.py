@@ -534,10 +534,16 @@ def test_requeue_fresh_and_plan_replace_move_the_objects_aside(tmp_path, root):
     gc = runner(url, "gc", "--replaced", "--dry-run")
     assert gc.returncode == 0, gc.stderr
     asides = _aside_all(folder)
+    assert len(asides) == 2  # a dry run deletes nothing
     assert [line.split("  ")[0] for line in gc.stdout.splitlines()[:-1]] == [
         f"would remove {aside.url}" for aside in asides]
     assert gc.stdout.splitlines()[-1].endswith(": 2 replaced folders; kept the newest valid "
                                                "state of 1 job(s) and every snapshot")
+    cut_off = runner(url, "gc", "--replaced",
+                     env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    assert cut_off.returncode == 1 and cut_off.stderr.startswith(
+        f"error: could not clean 1 path(s); first: {folder.url}: Could not connect to the "
+        "endpoint URL"), cut_off.stderr
     gc = runner(url, "gc", "--replaced")
     assert gc.returncode == 0, gc.stderr
     assert _aside_all(folder) == [] and read_head(folder).attempt == 3  # claims never reset
