@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sqlalchemy import update
 from db.engine import db_now
 from db.models import Job
 from runner.liveness import HOST, dead_reason, process_token
+from tests.conftest import ROOT
 from tests.test_queue import rows
 from trainer import atomic
 from trainer import checkpoint as ckpt
@@ -173,6 +175,19 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temp_file(tmp_path):
         atomic.write_atomic(target, half_then_fail)
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
     assert target.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_an_atomic_write_gives_the_file_the_mode_open_would(tmp_path, umask, mode):
+    """mkstemp's 0600 is not kept: a figure or report is as readable as a plain open() under
+    the user's umask would make it."""
+    target = tmp_path / "figure.png"
+    code = ("import sys; from pathlib import Path; from trainer import atomic; "
+            "atomic.write_bytes_atomic(Path(sys.argv[1]), b'png')")
+    subprocess.run(["sh", "-c", f'umask {umask:03o} && exec "$0" -c "$1" "$2"', sys.executable,
+                    code, str(target)], cwd=ROOT, check=True, timeout=60)
+    assert target.stat().st_mode & 0o777 == mode
+    assert target.read_bytes() == b"png"
 
 
 # --- a reused pid --------------------------------------------------------------------------

@@ -15,6 +15,13 @@ from typing import IO, Any
 
 import yaml
 
+# mkstemp makes its file 0600; the file gets the mode a plain open() would give it (0666 less
+# the umask), so figures and reports stay readable by the group and others where the user's
+# umask says so. Read once: os.umask can only be read by setting it, which is not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None], parents: bool = True) -> None:
     """Call `write(fileobj)` on a temp file and move it over `path` when complete.
@@ -27,6 +34,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], parents: bool =
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())
