@@ -175,6 +175,24 @@ MUTANTS = [
            accepted="the rows were read under the requeue's lock (FOR UPDATE, SQLite's write "
                     "lock): no test can renew or take the lease in between; kept as a second "
                     "line of defence"),
+    Mutant("a claim skips rows other claimers hold (PostgreSQL)", "db/queue.py",
+           ".with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the write lock",
+           ".with_for_update()  # PostgreSQL; SQLite holds the write lock",
+           (QUEUE, "-k", "skips_a_job")),
+    Mutant("a claim locks the row it reads (PostgreSQL)", "db/queue.py",
+           ".order_by(*ordering).limit(1)\n"
+           "            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite holds the "
+           "write lock",
+           ".order_by(*ordering).limit(1)",
+           (QUEUE, "-k", "skips_a_job")),
+    Mutant("a dead worker's job on its last attempt is failed", "db/queue.py",
+           "exhausted = row.attempts >= row.max_attempts",
+           "exhausted = row.attempts > row.max_attempts",
+           (QUEUE, "-k", "last_attempt")),
+    Mutant("a cancelled launch is judged by its own id", "db/queue.py",
+           "select(Launch.id).where(Launch.scheduler == scheduler, Launch.job_id == job_id,",
+           "select(Launch.id).where(Launch.scheduler == scheduler,",
+           (QUEUE, "-k", "cancelled_launch")),
     Mutant("reclaim judges only this host's workers", "db/queue.py",
            "                if worker_host(row.worker) != host:\n                    continue\n",
            "",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from db import LeaseLost
+from runner.liveness import HOST, dead_reason
 from runner.planner import job_rows, load_sweep, parse_only
 from tests.audit import lease_violations
 
@@ -138,3 +140,65 @@ def test_requeue_by_name_refuses_unknown_and_running_jobs(queue):
     assert queue.requeue([claim.name]) == [claim.name]
     assert queue.counts() == {"pending": 3, "running": 0, "succeeded": 0, "failed": 0,
                              "cancelled": 0}
+
+
+# --- guards that only a second party shows ------------------------------------------------
+
+
+def test_a_claim_skips_a_job_another_claimer_is_taking(queue, db_url):
+    """PostgreSQL: while one claimer's transaction holds job 1, another claim takes job 2 at
+    once (FOR UPDATE SKIP LOCKED), without waiting for that transaction (10 s of slack).
+    Reading job 1 without the lock finds it taken once that transaction ends: 'nothing left
+    to claim' with jobs pending; locking without SKIP LOCKED queues every claimer behind it."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite holds one write lock for the whole claim: claims are serial")
+    import threading
+
+    from sqlalchemy import text
+
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    first, second = queue.jobs()[0]["name"], queue.jobs()[1]["name"]
+    other = queue.engine.connect()
+    holding = other.begin()
+    other.execute(text("SELECT id FROM jobs WHERE name = :n FOR UPDATE"), {"n": first})
+    got = {}
+    claimer = threading.Thread(target=lambda: got.update(claim=queue.claim("b", 60)))
+    claimer.start()
+    claimer.join(10)
+    waited = claimer.is_alive()  # it waited for the other transaction instead of skipping
+    other.execute(text("UPDATE jobs SET state = 'running', lease_token = 'a', "
+                       "attempts = attempts + 1 WHERE name = :n"), {"n": first})
+    holding.commit()
+    other.close()
+    claimer.join(10)
+    assert not waited
+    assert got["claim"] is not None and got["claim"].name == second
+
+
+def test_a_dead_workers_job_on_its_last_attempt_is_failed_not_pending(queue):
+    """A job whose worker died on its last attempt has no attempt left: pending, no claim
+    would ever take it. It is failed, with the reason."""
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    name = f"{HOST}:cpu:{gone.pid}"
+    for attempt in range(1, 4):
+        claim = queue.claim(name, 600)
+        assert claim.attempt == attempt
+        reclaimed = queue.reclaim_dead(HOST, dead_reason, by="test")
+        assert [n for n, _ in reclaimed] == [claim.name]
+        (job,) = queue.jobs()
+        assert job["state"] == ("pending" if attempt < 3 else "failed"), attempt
+    assert job["error"] == f"worker lost: its process {gone.pid} is gone, on attempt 3 of 3"
+    assert queue.claim("other", 600) is None
+
+
+def test_a_cancelled_launch_stops_only_its_own_workers(queue):
+    """Once a launch was cancelled, a later launch's workers still claim."""
+    queue.record_launch("slurm", "101", 2, None, {})
+    queue.record_launch("slurm", "102", 2, None, {})
+    assert queue.cancel_launch("slurm", "101")
+    assert queue.launch_cancelled("slurm", "101")
+    assert not queue.launch_cancelled("slurm", "102")
+    assert not queue.launch_cancelled("slurm", "103")
+    assert not queue.cancel_launch("slurm", "103")
