@@ -124,6 +124,23 @@ def test_resume_refuses_a_different_config(tmp_path):
     assert run(smoke(steps=5), tmp_path).step == 5
 
 
+@pytest.mark.parametrize("key, value", [
+    ("training.learning_rate", "0.001"), ("seeds.run", "7"), ("seeds.pool", "1"),
+    ("training.task_kwargs.rho", "0.25"), ("training.num_training_examples", "512"),
+    ("training.batch_size", "8"), ("evaluation.eval_examples", "64")])
+def test_resume_refuses_a_state_trained_with_another_setting(tmp_path, key, value):
+    """Not only the model's shape: a state trained with another learning rate, seed, rho, N,
+    batch or eval set would make a mixed run. Refused, naming the key; the folder is left
+    as it was."""
+    run(smoke(steps=3), tmp_path)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())
+    with pytest.raises(ConfigError, match=rf"different config \({key}\); use a new folder"):
+        run(smoke(steps=5, **{key: value}), tmp_path)
+    after = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file()
+                   if p.name != ckpt.LOG_FILE)
+    assert after == [entry for entry in before if entry[0] != ckpt.LOG_FILE]
+
+
 def test_folder_is_locked_against_a_second_trainer(tmp_path):
     import filelock
 
