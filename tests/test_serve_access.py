@@ -9,6 +9,7 @@ the token it was opened with for its own API calls.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -123,6 +124,67 @@ def test_a_chosen_token_is_required_on_loopback_too(queue_url):
         assert request(port, "api/status")[0] == 200
     finally:
         stop_server(plain)
+
+
+TEST_HOST = "10.231.7.1"   # an address of the test's own network namespace
+
+
+@pytest.fixture
+def lan_namespace():
+    """A network namespace of this test's own with a LAN-like address: a specific,
+    non-loopback, non-wildcard host to bind (root, iproute2). The address sits on the
+    namespace's own `lo` (no dummy or veth driver needed); traffic never leaves it.
+    Skipped where one cannot be made, except under CI=true: failed."""
+    name = f"runner-serve-{os.getpid()}"
+
+    def ip(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+    made = ip("netns", "add", name)
+    if made.returncode != 0:
+        reason = f"cannot create a network namespace here (ip netns add: {made.stderr.strip()})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        for step in (["ip", "link", "set", "lo", "up"],
+                     ["ip", "addr", "add", f"{TEST_HOST}/32", "dev", "lo"]):
+            done = ip("netns", "exec", name, *step)
+            assert done.returncode == 0, (step, done.stderr)
+        yield name
+    finally:
+        ip("netns", "del", name)
+
+
+def test_a_specific_lan_address_needs_the_generated_token(queue_url, lan_namespace):
+    """Not only wildcard hosts: a dashboard bound to one LAN address is reachable from the
+    network, so it runs with a generated token too."""
+    inside = ["ip", "netns", "exec", lan_namespace]
+    proc = subprocess.Popen([*inside, PYTHON, "-m", "runner", "serve", "--host", TEST_HOST,
+                             "--port", "0"], cwd=ROOT, env=runner_env(queue_url),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()
+        match = re.fullmatch(rf"dashboard of sqlite:///\S+: http://{re.escape(TEST_HOST)}:"
+                             r"(\d+)/\?token=([\w-]{32})  \(Ctrl-C to stop\)\n", first)
+        assert match, (first, proc.stderr.read() if proc.poll() is not None else "")
+        port, token = match.groups()
+
+        def status(query: str) -> str:
+            code = ("import sys, urllib.request, urllib.error\n"
+                    "try:\n    print(urllib.request.urlopen(sys.argv[1], timeout=30).status)\n"
+                    "except urllib.error.HTTPError as e:\n    print(e.code)\n")
+            return subprocess.run([*inside, PYTHON, "-c", code,
+                                   f"http://{TEST_HOST}:{port}/api/status{query}"],
+                                  capture_output=True, text=True, timeout=60).stdout.strip()
+
+        assert status("") == "403"
+        assert status("?token=wrong-token-0123") == "403"
+        assert status(f"?token={token}") == "200"
+    finally:
+        stop_server(proc)
+    assert "note: listening beyond loopback: every request needs the token (a new one, " \
+           "generated now" in proc.stderr.read()
 
 
 def test_a_weak_token_is_refused(queue_url):
