@@ -20,6 +20,7 @@ import click
 
 from db import DatabaseError, JobQueue, connect, mask_url
 from db.engine import NoQueue, default_url
+from db.models import STATES
 from db.queue import ORDERS, PlanReport
 from runner.bucket.s3 import BucketError, is_s3
 
@@ -248,26 +249,34 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_o
 @click.option("--watch", type=click.FloatRange(min=0.5), is_flag=False, flag_value=5.0,
               default=None, metavar="[SECONDS]",
               help="Redraw every SECONDS (default 5) until Ctrl-C.")
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES),
+              help="List the jobs in this state (repeatable); counts and ETA stay whole.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, metavar="N",
+              help="At most N jobs listed (with --offset: a page).")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="K", help="Skip the first K jobs listed (in the guide's order).")
 @click.pass_context
-def status(ctx, as_json, watch):
+def status(ctx, as_json, watch, states, limit, offset):
     """Counts by state, sweep progress and ETA, workers, running jobs, failed jobs.
 
     The ETA comes from the step rates measured so far and the number of live
     workers. A running job whose heartbeat is older than its lease, or whose
     worker on this host is gone, is marked stale: another worker may take it.
+    The table lists the running jobs and the first failed ones; --state lists any
+    state, and --limit/--offset page through it (so does --json).
     """
-    from runner.status import snapshot, status_json, status_text
+    from runner.status import Listing, snapshot, status_json, status_text
 
     if watch is not None and as_json:
         raise BadInput("--watch redraws the table; for scripts, poll status --json instead")
     queue = open_queue(ctx, readonly=True)
-    cache: dict = {}
+    listing = Listing(states=tuple(states), limit=limit, offset=offset)
 
     def report() -> str:
-        snap = snapshot(queue, cache)
+        snap = snapshot(queue)
         if as_json:
-            return status_json(snap)
-        return status_text(snap, mask_url(ctx.obj["db"]))
+            return status_json(snap, listing)
+        return status_text(snap, mask_url(ctx.obj["db"]), listing)
 
     if watch is None:
         click.echo(report())

@@ -2,7 +2,7 @@
 
 No torch, no database access: the rate functions take the queue's job dicts
 plus, for each job, the step its current attempt started from (the `claim`
-event's step; see `runner.status.attempt_starts`).
+event's step; see `db.queue.JobQueue.attempt_starts`).
 """
 
 from __future__ import annotations

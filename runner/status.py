@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from db.queue import worker_host
@@ -13,29 +14,28 @@ JOB_FIELDS = ("name", "state", "v", "n", "model", "run", "attempts", "step", "to
               "loss", "worker", "heartbeat_age", "test_accuracy", "balanced_accuracy",
               "majority_rate", "error", "out_dir", "stop_request")
 RUNNING_FIELDS = ("peak_memory",)
+# The table lists this many failed jobs at most (a sweep of 100,000 jobs stays readable);
+# `status --state failed` lists them all.
+FAILED_SHOWN = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """Which jobs a report lists: those in `states` (all when empty), a page of them."""
+
+    states: tuple[str, ...] = ()
+    limit: int | None = None
+    offset: int = 0
+
+    def page(self, jobs: list[dict]) -> tuple[list[dict], int]:
+        """(the jobs of this page, how many jobs the filter matched)."""
+        chosen = [j for j in jobs if j["state"] in self.states] if self.states else jobs
+        end = None if self.limit is None else self.offset + self.limit
+        return chosen[self.offset:end], len(chosen)
+
+
 WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive", "dead", "gpus",
                  "slurm_job_id", "slurm_array", "slurm_restarts")
-
-
-def attempt_starts(queue, jobs: list[dict], cache: dict | None = None) -> dict[int, int]:
-    """The step each job's latest attempt started from (jobs claimed at least once).
-
-    Read from the job's last `claim` event (one small query per job). An
-    attempt's start never changes, so `cache`, keyed by (job id, claimed_at)
-    and kept across `status --watch` redraws, saves reading it again.
-    """
-    cache = {} if cache is None else cache
-    starts = {}
-    for job in jobs:
-        if job["claimed_at"] is None:
-            continue
-        key = (job["id"], job["claimed_at"])
-        if key not in cache:
-            claims = [e for e in queue.events(job["id"]) if e["kind"] == "claim"]
-            cache[key] = json.loads(claims[-1]["detail"] or "{}").get("step") if claims else None
-        if cache[key] is not None:
-            starts[job["id"]] = cache[key]
-    return starts
 
 
 def stale_reason(job: dict, processes: dict[str, str | None]) -> str | None:
@@ -63,22 +63,26 @@ def judge_workers(workers: list[dict]) -> list[dict]:
     return workers
 
 
-def snapshot(queue, cache: dict | None = None) -> dict:
-    """Everything a status report shows, read once."""
-    counts, jobs, workers = queue.counts(), queue.jobs(), judge_workers(queue.workers())
+def snapshot(queue) -> dict:
+    """Everything a status report shows, read once (a few queries, whatever the job count)."""
+    counts, jobs = queue.counts(), queue.jobs(config=False)
+    workers = judge_workers(queue.workers())
     processes = {w["name"]: w["process"] for w in workers}
     for job in jobs:
         job["stale"] = stale_reason(job, processes)
-    starts = attempt_starts(queue, jobs, cache)
+    starts = queue.attempt_starts()
     live = [w for w in workers if w["alive"]]
     return {"counts": counts, "jobs": jobs, "workers": workers, "paused": queue.paused(),
             "progress": sweep_progress(jobs, starts, workers_alive=len(live))}
 
 
-def status_json(snap: dict) -> str:
+def status_json(snap: dict, listing: Listing = Listing()) -> str:
+    """The `status --json` document. `jobs` holds the listing's page; `jobs_matched` says how
+    many jobs its filter matched, to page through them."""
     p = snap["progress"]
     out = []
-    for job in snap["jobs"]:
+    page, matched = listing.page(snap["jobs"])
+    for job in page:
         row = {k: job[k] for k in JOB_FIELDS}
         if job["state"] == "running":
             row.update({k: job[k] for k in RUNNING_FIELDS})
@@ -93,7 +97,8 @@ def status_json(snap: dict) -> str:
     workers = [{k: w[k] for k in WORKER_FIELDS} for w in snap["workers"]
                if w["state"] != "exited"]
     return json.dumps({"counts": snap["counts"], "paused": snap["paused"] is not None,
-                       "progress": progress, "workers": workers, "jobs": out}, indent=2)
+                       "progress": progress, "workers": workers, "jobs_matched": matched,
+                       "jobs": out}, indent=2)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -105,7 +110,10 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def status_text(snap: dict, where: str) -> str:
+def status_text(snap: dict, where: str, listing: Listing = Listing()) -> str:
+    """The status table: counts, ETA, workers, then the running jobs, the first failed ones,
+    late cancels and cancelled jobs; with a listing that names states or a page, the jobs of
+    that listing instead of the running and failed tables."""
     counts, jobs, p = snap["counts"], snap["jobs"], snap["progress"]
     total = sum(counts.values())
     out = [f"queue {where}: {total} jobs  "
@@ -122,6 +130,8 @@ def status_text(snap: dict, where: str) -> str:
         out += [f"  {w['name']}: SLURM task {w['slurm_array']} (job {w['slurm_job_id']}, "
                 f"restart {w['slurm_restarts']}, GPUs {w['gpus'] or '-'})"
                 for w in live if w["slurm_array"]]
+    if listing != Listing():
+        return "\n".join(out + _listing_table(jobs, listing))
     running = [j for j in jobs if j["state"] == "running"]
     if running:
         rows = []
@@ -148,9 +158,12 @@ def status_text(snap: dict, where: str) -> str:
                        "(at once on their own host), or: requeue --name NAME")
     failed = [j for j in jobs if j["state"] == "failed"]
     if failed:
-        rows = [[j["name"], str(j["attempts"]), (j["error"] or "").splitlines()[0][:100]
-                 if j["error"] else "-"] for j in failed]
+        rows = [[j["name"], str(j["attempts"]), _first_line(j["error"])]
+                for j in failed[:FAILED_SHOWN]]
         out += ["", "failed:", *_table(["name", "attempts", "error"], rows)]
+        if len(failed) > FAILED_SHOWN:
+            out.append(f"... and {len(failed) - FAILED_SHOWN} more failed jobs: "
+                       "status --state failed lists them all")
     late = [f"{j['name']} ({j['state']})" for j in jobs
             if j["stop_request"] == "cancel" and j["state"] in ("succeeded", "failed")]
     if late:
@@ -161,3 +174,23 @@ def status_text(snap: dict, where: str) -> str:
         out += ["", f"cancelled ({len(cancelled)}; requeue NAME brings one back): "
                 + ", ".join(cancelled[:6]) + (", ..." if len(cancelled) > 6 else "")]
     return "\n".join(out)
+
+
+def _first_line(text: str | None) -> str:
+    return text.splitlines()[0][:100] if text else "-"
+
+
+def _listing_table(jobs: list[dict], listing: Listing) -> list[str]:
+    page, matched = listing.page(jobs)
+    which = "/".join(listing.states) or "all"
+    shown = (f"{listing.offset + 1}-{listing.offset + len(page)} of {matched}" if page
+             else f"none of {matched}")
+    if not page:
+        return ["", f"jobs ({which}): {shown}"]
+    rows = [[j["name"], j["state"], str(j["attempts"]), f"{j['step']}/{j['total_steps']}",
+             "-" if j["test_accuracy"] is None else f"{100 * j['test_accuracy']:.1f}",
+             _first_line(j["error"]) if j["state"] == "failed" else (j["worker"] or "-")]
+            for j in page]
+    return ["", f"jobs ({which}): {shown}",
+            *_table(["name", "state", "attempts", "step", "test acc %", "worker / error"],
+                    rows)]

@@ -61,11 +61,10 @@ def open_readonly(url: str) -> JobQueue:
 
 
 class Dashboard:
-    """The queue and the caches shared by the requests (the ETA's attempt starts, the figure)."""
+    """The queue and the cache shared by the requests (the figure)."""
 
     def __init__(self, queue: JobQueue, url: str):
         self.queue, self.url = queue, url
-        self.starts_cache: dict = {}
         self.figure: tuple[str | None, bytes | None] = (None, None)
 
     def snapshot(self):
@@ -78,7 +77,7 @@ class Dashboard:
         from runner.reporting.views import status_payload
 
         _, _, redactor = self.snapshot()
-        return status_payload(self.queue, self.starts_cache, redactor)
+        return status_payload(self.queue, redactor)
 
     def results(self) -> dict:
         from runner.reporting.results import aggregate
@@ -101,7 +100,7 @@ class Dashboard:
         job = next((j for j in jobs if j["name"] == name), None)
         if job is None:
             return None
-        doc = status_payload(self.queue, self.starts_cache, redactor)
+        doc = status_payload(self.queue, redactor)
         row = next(r for r in doc["jobs"] if r["name"] == name)
         return job_detail(self.queue, job, row, redactor)
 

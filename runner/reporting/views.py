@@ -98,9 +98,9 @@ def _short_path(match: re.Match) -> str:
 # --- the documented payloads ---------------------------------------------------------
 
 
-def status_payload(queue, cache: dict, redactor: Redactor) -> dict:
+def status_payload(queue, redactor: Redactor) -> dict:
     """`status --json`, job folders relative to the runs folder, texts redacted."""
-    doc = json.loads(status_json(snapshot(queue, cache)))
+    doc = json.loads(status_json(snapshot(queue)))
     for row in doc["jobs"]:
         row["out_dir"] = redactor.folder(row["out_dir"])
     return redactor.tree(doc)

@@ -1,0 +1,66 @@
+"""`status` on a large queue: a few queries whatever the job count, the failed table capped,
+and --state/--limit/--offset listing any state page by page (text and --json)."""
+
+from __future__ import annotations
+
+import json
+
+from runner.status import FAILED_SHOWN, Listing, snapshot, status_json, status_text
+from tests.conftest import cli
+from tests.test_queue import rows
+
+
+def fail_all(queue, how_many: int) -> list[str]:
+    names = []
+    for i in range(how_many):
+        claim = queue.claim(f"w{i}", 600)
+        queue.fail(claim, f"error {i}\ntraceback line")
+        names.append(claim.name)
+    return names
+
+
+def test_attempt_starts_are_each_jobs_last_claim_step(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    first = queue.claim("a", 600)
+    queue.progress(first, 7, 0.5)
+    queue.release(first, 7)
+    again = queue.claim("b", 600)
+    other = queue.claim("c", 600)
+    assert again.name == first.name
+    by_name = {j["name"]: j["id"] for j in queue.jobs(config=False)}
+    assert queue.attempt_starts() == {by_name[first.name]: 7, by_name[other.name]: 0}
+
+
+def test_the_failed_table_is_capped_and_the_rest_is_said(queue):
+    queue.plan(rows("V=5"))   # 30 jobs
+    failed = fail_all(queue, FAILED_SHOWN + 3)
+    text = status_text(snapshot(queue), "q")
+    shown = [line.split()[0] for line in text.splitlines() if line.startswith("table_conn")]
+    assert shown == failed[:FAILED_SHOWN]
+    assert ("... and 3 more failed jobs: status --state failed lists them all"
+            in text.splitlines())
+
+
+def test_state_limit_and_offset_page_through_the_jobs(queue, db_url):
+    queue.plan(rows("V=5"))
+    failed = fail_all(queue, 6)
+    listing = Listing(states=("failed",), limit=2, offset=3)
+    doc = json.loads(status_json(snapshot(queue), listing))
+    assert doc["jobs_matched"] == 6 and doc["counts"]["failed"] == 6
+    assert [j["name"] for j in doc["jobs"]] == failed[3:5]
+    assert [j["error"] for j in doc["jobs"]] == ["error 3\ntraceback line",
+                                                 "error 4\ntraceback line"]
+    whole = json.loads(status_json(snapshot(queue)))
+    assert whole["jobs_matched"] == 30 and len(whole["jobs"]) == 30
+
+    proc = cli(db_url, "status", "--state", "failed", "--limit", "2", "--offset", "3")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    at = lines.index("jobs (failed): 4-5 of 6")
+    assert [line.split()[:3] for line in lines[at + 3:]] == [[n, "failed", "1"]
+                                                           for n in failed[3:5]]
+    proc = cli(db_url, "status", "--json", "--state", "pending", "--state", "failed",
+               "--limit", "1000")
+    assert json.loads(proc.stdout)["jobs_matched"] == 30
+    bad = cli(db_url, "status", "--state", "done")
+    assert bad.returncode == 2 and "--state" in bad.stderr
