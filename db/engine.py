@@ -157,11 +157,16 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
                 "absolute one), or just the file's path")
         engine = _sqlite_engine(url, parsed.database, create, readonly)
     elif backend == "postgresql":
-        args: dict = {"connect_timeout": 5 if readonly else 10, **PG_TCP_ARGS}
-        if readonly:
-            args["options"] = "-c default_transaction_read_only=on"
+        # Nothing that lives in the server's session: through a pooler in transaction mode
+        # (PgBouncer) each transaction may run on another server connection. So no
+        # server-side prepared statements (psycopg prepares a statement after 5 runs), no
+        # startup options (PgBouncer refuses them): read-only is asked per transaction.
+        args: dict = {"connect_timeout": 5 if readonly else 10, "prepare_threshold": None,
+                      **PG_TCP_ARGS}
         try:
             engine = create_engine(url, pool_pre_ping=True, connect_args=args)
+            if readonly:
+                engine = engine.execution_options(postgresql_readonly=True)
         except Exception as e:  # driver missing, bad options
             raise DatabaseError(f"cannot use '{mask_url(url)}': {e}") from None
     else:

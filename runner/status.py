@@ -63,9 +63,10 @@ def judge_workers(workers: list[dict]) -> list[dict]:
     return workers
 
 
-def snapshot(queue) -> dict:
-    """Everything a status report shows, read once (a few queries, whatever the job count)."""
-    counts, jobs = queue.counts(), queue.jobs(config=False)
+def snapshot(queue, configs: bool = False) -> dict:
+    """Everything a status report shows, read once (a few queries, whatever the job count);
+    `configs`: the jobs' configs and tracebacks too (the report shows what was run)."""
+    counts, jobs = queue.counts(), queue.jobs(config=configs)
     workers = judge_workers(queue.workers())
     processes = {w["name"]: w["process"] for w in workers}
     for job in jobs:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from sqlalchemy import create_engine, text, update
+from sqlalchemy import create_engine, exc, text, update
 
 from db import DatabaseError, JobQueue, connect, mask_url
 from db import engine as engine_module
 from db.models import Meta
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, new_pg_database
 from tests.test_queue import rows
 
 
@@ -121,3 +121,23 @@ def test_filesystem_type_of_a_local_folder(tmp_path):
 ])
 def test_passwords_are_masked(url, shown):
     assert mask_url(url) == shown
+
+
+def test_a_readonly_postgresql_engine_refuses_writes_in_every_transaction(pg_server_url):
+    """Read-only is asked per transaction (BEGIN READ ONLY), not as a startup option, so it
+    holds through a transaction-mode pooler too; the connection prepares no statements."""
+    url = new_pg_database(pg_server_url)
+    connect(url, create=True).dispose()
+    engine = connect(url, readonly=True)
+    try:
+        for _ in range(7):   # past psycopg's default prepare threshold (5)
+            with engine.connect() as conn:
+                assert conn.execute(text("SHOW transaction_read_only")).scalar_one() == "on"
+                conn.execute(text("SELECT count(*) FROM jobs")).scalar_one()
+                conn.rollback()
+        with engine.connect() as conn:
+            with pytest.raises(exc.DBAPIError, match="read-only transaction"):
+                conn.execute(text("DELETE FROM jobs"))
+            assert conn.connection.dbapi_connection.prepare_threshold is None
+    finally:
+        engine.dispose()

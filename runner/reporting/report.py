@@ -85,7 +85,7 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
 def build(queue, queue_label: str, by: tuple[str, ...] = ()) -> str:
     """The report's HTML for the queue as it is now; rows split by config (see
     runner.reporting.results.aggregate, `by`)."""
-    snap = snapshot(queue)
+    snap = snapshot(queue, configs=True)
     counts, jobs, progress = snap["counts"], snap["jobs"], snap["progress"]
     red = Redactor(jobs)
     results = aggregate(jobs, by=by)
