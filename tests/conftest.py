@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from db import JobQueue, connect
 from db.models import Base
-from tests import pgserver, s3server
+from tests import pgbouncer, pgserver, s3server
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -65,6 +65,17 @@ def pg_server_url():
     with throwaway_server("PostgreSQL server", "runner-pg-", pgserver.start,
                           pgserver.stop) as (_, url):
         yield url
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(pg_server_url):
+    """A PgBouncer in transaction-pooling mode in front of the session's PostgreSQL server,
+    with a pool of 2 server connections (fewer than the workers a test starts). Its URL
+    without a database: append /NAME of a database made on the server."""
+    with throwaway_server("PgBouncer", "runner-pgbouncer-",
+                          lambda folder: pgbouncer.start(folder, pg_server_url, pool_size=2),
+                          pgbouncer.stop, " (Debian package pgbouncer)") as (_, url):
+        yield url.rsplit("/", 1)[0]
 
 
 @pytest.fixture(scope="session")
