@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+import uuid
 from pathlib import Path
 from urllib.parse import quote
 
@@ -24,6 +25,8 @@ from sqlalchemy.types import Float
 
 from db.models import SCHEMA_VERSION, Base, Meta
 
+# meta key of the queue's identity (a random hex id, made with the queue).
+QUEUE_ID_KEY = "queue_id"
 BUSY_TIMEOUT_MS = 60_000
 # How long a writer waits for SQLite's lock before the failure counts as an outage (and is
 # retried, see db/outage.py); $RUNNER_SQLITE_BUSY_TIMEOUT (seconds) overrides BUSY_TIMEOUT_MS.
@@ -357,6 +360,11 @@ def _ensure_schema(engine: Engine, where: str) -> None:
             conn.execute(text("SELECT pg_advisory_xact_lock(7265431)"))
         Base.metadata.create_all(conn, checkfirst=True)
         version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
+        if conn.execute(select(Meta.value).where(Meta.key == QUEUE_ID_KEY)).scalar() is None:
+            # The queue's identity, which its job folders record: a folder of another queue
+            # (a database made anew over the same out-root) is never adopted unseen.
+            conn.execute(Meta.__table__.insert().values(key=QUEUE_ID_KEY,
+                                                        value=uuid.uuid4().hex))
         if version is None:  # a new database: create_all made the current schema
             conn.execute(Meta.__table__.insert().values(key="schema_version",
                                                         value=str(SCHEMA_VERSION)))

@@ -36,7 +36,14 @@ from sqlalchemy import (
     update,
 )
 
-from db.engine import QUICK_BUSY_TIMEOUT_MS, DatabaseError, db_now, describe, mask_url
+from db.engine import (
+    QUEUE_ID_KEY,
+    QUICK_BUSY_TIMEOUT_MS,
+    DatabaseError,
+    db_now,
+    describe,
+    mask_url,
+)
 from db.models import STATES, Event, Job, Launch, Meta, Worker
 from db.outage import OutageNotice, Outages
 
@@ -688,6 +695,12 @@ class JobQueue:
         return self._transaction(body, retry=False)
 
     # --- pausing ---------------------------------------------------------------------
+
+    def queue_id(self) -> str | None:
+        """The queue's identity (made with the queue; None only in a read-only database made
+        before queues had one)."""
+        return self._read(lambda conn: conn.execute(
+            select(Meta.value).where(Meta.key == QUEUE_ID_KEY)).scalar())
 
     def _paused(self, conn: Connection) -> bool:
         return conn.execute(select(Meta.value).where(Meta.key == "paused")).first() is not None

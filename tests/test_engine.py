@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -141,3 +142,27 @@ def test_a_readonly_postgresql_engine_refuses_writes_in_every_transaction(pg_ser
             assert conn.connection.dbapi_connection.prepare_threshold is None
     finally:
         engine.dispose()
+
+
+def test_a_queue_has_an_identity_of_its_own_kept_across_connections(db_url):
+    first = JobQueue(connect(db_url, create=True))
+    ident = first.queue_id()
+    assert re.fullmatch(r"[0-9a-f]{32}", ident)
+    again = JobQueue(connect(db_url))
+    assert again.queue_id() == ident
+    first.engine.dispose()
+    again.engine.dispose()
+
+
+def test_a_queue_made_before_identities_gets_one_when_next_opened(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    engine = connect(url, create=True)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM meta WHERE key = 'queue_id'"))
+    engine.dispose()
+    assert JobQueue(connect(url, readonly=True)).queue_id() is None
+    ident = JobQueue(connect(url)).queue_id()
+    assert re.fullmatch(r"[0-9a-f]{32}", ident)
+    assert JobQueue(connect(url, readonly=True)).queue_id() == ident
+    other = f"sqlite:///{tmp_path / 'other.sqlite'}"
+    assert JobQueue(connect(other, create=True)).queue_id() != ident
