@@ -269,8 +269,8 @@ class Worker:
 
     def run(self, max_jobs: int | None = None, wait: bool = False, poll: float = 5.0) -> int:
         """Work through the queue; returns how many jobs this worker ran."""
-        # torch and transformers take seconds to import: do it before holding a
-        # lease, never between a claim and its first heartbeat.
+        # A job's slow imports (the study's torch and transformers take seconds): before
+        # holding a lease, never between a claim and its first heartbeat.
         self.job.prepare()
 
         self.queue.register_worker(self.name, HOST, os.getpid(), process_token(os.getpid()),

@@ -13,6 +13,7 @@ import pytest
 
 from runner.worker import Worker
 from tests.conftest import PYTHON, ROOT
+from trainer.device import BadDevice
 from trainer.files import LOG_FILE
 from trainer.job import FolderBusy, Job, Progress, RunResult
 
@@ -179,6 +180,11 @@ def test_a_busy_folder_hands_the_job_back(queue, tmp_path):
     assert details(queue, "release") == [{"step": 0}]
     assert "is in use by another process; job handed back" in (
         tmp_path / "a" / LOG_FILE).read_text()
+
+
+def test_a_gpu_is_refused_for_a_job_that_runs_on_the_cpu_only(queue):
+    with pytest.raises(BadDevice, match="^--gpu 0: this job runs on the CPU only$"):
+        Worker(queue, "0", 30, job=StandIn())
 
 
 # --- torch stays out of a worker until it runs a study job ---------------------------------
