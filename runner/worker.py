@@ -1,6 +1,9 @@
 """The worker loop: reclaim dead -> claim -> heartbeat -> train in-process -> finish / fail /
 release.
 
+A claimed job is run through trainer.job's small interface (the study's trainer unless the
+worker is given another Job), so that this module never imports torch itself.
+
 One worker per GPU. SIGTERM, SIGUSR1, SIGHUP or Ctrl-C asks the trainer to checkpoint and
 stop; the job goes back to pending and the worker exits 0 (under SLURM, after requeueing its
 task while work is left: runner.slurm.task). A second Ctrl-C
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 import os
 import signal
@@ -39,8 +41,9 @@ from runner.bucket.sync import JobSync
 from runner.liveness import HOST, dead_reason, process_token
 from runner.progress import JobDisplay, duration
 from runner.slurm.task import SlurmTask
-from trainer.device import BadDevice, check_device
+from trainer.device import BadDevice
 from trainer.files import append_log
+from trainer.job import FolderBusy, Job, JobSpec, StudyJob
 
 log = logging.getLogger("runner.worker")
 
@@ -59,20 +62,16 @@ def job_log(claim: Claim, message: str) -> None:
         log.debug("%s: cannot write its log: %s", claim.name, e)
 
 
-def resolve_device(gpu: str) -> str:
-    """'cpu' or a CUDA index -> a torch device string; a missing GPU is an error."""
+def resolve_device(gpu: str, job: Job) -> str:
+    """'cpu' or a CUDA index -> a device string the job takes; a missing GPU is an error."""
     if gpu == "cpu":
         return "cpu"
     if not gpu.isdigit():
         raise BadDevice(f"--gpu '{gpu}': expected a GPU index (0, 1, ...) or 'cpu'")
     try:
-        device = check_device(f"cuda:{gpu}")
+        return job.use_device(f"cuda:{gpu}")
     except BadDevice as e:
         raise BadDevice(f"--gpu {gpu}: {str(e).split(': ', 1)[1]}") from None
-    import torch
-
-    torch.cuda.set_device(device)
-    return device
 
 
 class JobControl:
@@ -217,20 +216,20 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 class Worker:
     def __init__(self, queue: JobQueue, gpu: str, lease: float, order: str = "guide",
                  threads: int | None = None, progress_every: float = 30.0,
-                 slurm: SlurmTask | None = None, cache_dir: str | None = None):
+                 slurm: SlurmTask | None = None, cache_dir: str | None = None,
+                 job: Job | None = None):
         self.queue, self.gpu, self.lease, self.order = queue, gpu, lease, order
+        self.job = job or StudyJob()  # what a claimed job is run with (trainer.job)
         # Working copies of job folders that live in a bucket; the bucket's outage budget is
         # the database's.
         self.cache_dir = cache_dir or str(s3.cache_root())
         self.bucket_error: s3.BucketError | None = None  # uploads failed for good: exit 1
         self.progress_every = progress_every  # seconds between progress log lines (no terminal)
         self.slurm = slurm
-        self.device = resolve_device(gpu)
+        self.device = resolve_device(gpu, self.job)
         threads = threads or (slurm.cpus if slurm else None)
         if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+            self.job.set_threads(threads)
         self.name = f"{HOST}:{gpu}:{os.getpid()}"
         self.stopping = threading.Event()
         self.stopped_by: str | None = None  # the signal that asked this worker to stop
@@ -270,9 +269,9 @@ class Worker:
 
     def run(self, max_jobs: int | None = None, wait: bool = False, poll: float = 5.0) -> int:
         """Work through the queue; returns how many jobs this worker ran."""
-        # torch and transformers take seconds to import: do it before holding a
-        # lease, never between a claim and its first heartbeat.
-        import trainer.train  # noqa: F401
+        # A job's slow imports (the study's torch and transformers take seconds): before
+        # holding a lease, never between a claim and its first heartbeat.
+        self.job.prepare()
 
         self.queue.register_worker(self.name, HOST, os.getpid(), process_token(os.getpid()),
                                    self.device, self.lease,
@@ -365,8 +364,6 @@ class Worker:
         return reclaimed
 
     def run_job(self, claim: Claim) -> str:
-        from trainer.train import FolderBusy, run  # torch loads only in workers
-
         self.stop_job.clear()
         if self.stopping.is_set():
             self.stop_job.set()
@@ -392,7 +389,7 @@ class Worker:
         last_write = 0.0
         display = JobDisplay(claim.name, claim.total_steps, claim.step, log, self.progress_every)
         control = JobControl(claim, self.stop_job)
-        peak_memory = self._peak_memory_meter()
+        peak_memory = self.job.peak_memory_meter(self.device)
 
         progress = ProgressWriter(self.queue, control)
 
@@ -407,11 +404,11 @@ class Worker:
         result = error = None
         with _logs_around(display), Heartbeat(self.queue, control, self.lease / 4), progress:
             try:
-                result = run(
+                result = self.job.run(JobSpec(
                     claim.config, claim.out_dir, device=self.device, on_progress=on_progress,
                     stop=self.stop_job, echo=lambda msg: log.info("%s: %s", claim.name, msg),
                     lock_timeout=self.lease,
-                    header=f"attempt {claim.attempt} by worker {self.name} on {self.device}")
+                    header=f"attempt {claim.attempt} by worker {self.name} on {self.device}"))
             except FolderBusy as e:
                 error = e
                 log.warning("%s: %s; handing the job back", claim.name, e)
@@ -453,8 +450,9 @@ class Worker:
             elif result.outcome == "completed":
                 self.queue.finish(claim, result.metrics)
                 outcome = "completed"
-                log.info("%s: succeeded, test accuracy %.4f", claim.name,
-                         result.metrics["accuracy"])
+                accuracy = result.metrics.get("accuracy")
+                log.info("%s: succeeded%s", claim.name,
+                         "" if accuracy is None else f", test accuracy {accuracy:.4f}")
                 if control.request == "cancel":
                     job_log(claim, "cancel came too late: the job had finished")
             elif control.request == "cancel":
@@ -475,7 +473,7 @@ class Worker:
             self.current = None
             if sync is not None:
                 self._close_sync(sync, control)
-            self._free_memory()
+            self.job.free_memory(self.device)
         return outcome
 
     def _close_sync(self, sync: JobSync, control: JobControl) -> None:
@@ -501,22 +499,6 @@ class Worker:
         with contextlib.suppress(LeaseLost):
             self.queue.release(claim, step)
         return "stopped"
-
-    def _peak_memory_meter(self):
-        """A function giving the GPU's peak memory (bytes) since now; None on the CPU."""
-        if not self.device.startswith("cuda"):
-            return lambda: None
-        import torch
-
-        torch.cuda.reset_peak_memory_stats(self.device)
-        return lambda: float(torch.cuda.max_memory_allocated(self.device))
-
-    def _free_memory(self) -> None:
-        gc.collect()
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()
 
 
 def slurm_line(task: SlurmTask | None) -> str:

@@ -41,6 +41,7 @@ OPERATIONS = "tests/test_operations.py"
 LIVENESS = "tests/test_liveness.py"
 SLURM = "tests/test_slurm.py"
 BUCKET = "tests/test_bucket.py"
+WORKER_INPROCESS = "tests/test_worker_inprocess.py"
 
 MUTANTS = [
     # --- trainer: scores, checkpoints, atomic writes, labels --------------------------------
@@ -228,6 +229,12 @@ MUTANTS = [
     Mutant("--gpu must be an index or cpu", "runner/worker.py",
            "    if not gpu.isdigit():\n", "    if False:\n",
            ("tests/test_bad_input.py", "-k", "gpu and sqlite")),
+    Mutant("a busy folder hands the job back, not failed", "runner/worker.py",
+           "elif result is None and isinstance(error, FolderBusy):", "elif False:",
+           (WORKER_INPROCESS, "-k", "busy_folder and sqlite")),
+    Mutant("a stopped job goes back at the step it reached", "runner/worker.py",
+           "self.queue.release(claim, result.step)", "self.queue.release(claim, claim.step)",
+           (WORKER_INPROCESS, "-k", "stop_mid_job and sqlite")),
     # --- runner.slurm: a worker's self-requeue -----------------------------------------------
     Mutant("a cancelled SLURM launch is not requeued", "runner/worker.py",
            'if self.queue.launch_cancelled("slurm", task.launch_id):', "if False:",

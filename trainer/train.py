@@ -11,7 +11,8 @@ on; a stop, the end of the run and any exit wait for the write in flight.
 `run()` may be called many times in one process (a worker runs job after job):
 it touches no global state beyond seeding torch's RNG inside a forked scope and
 restores the switches it sets (deterministic algorithms on the CPU, the float32
-matmul precision on CUDA).
+matmul precision on CUDA). Workers call it as trainer.job.StudyJob, which says what a job
+receives, reports, returns and raises.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from trainer.atomic import write_json_atomic, write_yaml_atomic
 from trainer.config import ConfigError, resume_conflicts, validate
 from trainer.data import build_eval_set, build_pool, derive_seed, embed, sample_indices, token_table
 from trainer.files import append_log
+from trainer.job import FolderBusy, Progress, RunResult
 
 EVAL_BATCH = 256  # evaluation batch size: memory only, never changes results
 
@@ -45,28 +46,8 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss became NaN)."""
 
 
-class FolderBusy(RuntimeError):
-    """Another process is training into the same job folder."""
-
-
-@dataclass
-class Progress:
-    step: int            # steps completed
-    total_steps: int
-    loss: float
-    train_accuracy: float
-    test: dict | None = None   # the newest evaluation's metrics, if any yet
-
-
 class FolderMoved(RuntimeError):
     """The job's folder was moved away while training (e.g. replaced): stop writing."""
-
-
-@dataclass
-class RunResult:
-    outcome: str         # "completed" or "stopped"
-    step: int            # steps completed
-    metrics: dict = field(default_factory=dict)   # final evaluation when completed
 
 
 class JobLog:
