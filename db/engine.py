@@ -102,7 +102,7 @@ def mask_url(url: str) -> str:
     return _PASSWORD.sub(r"\1***@", url)
 
 
-def _filesystem_type(path: Path) -> str | None:
+def filesystem_type(path: Path) -> str | None:
     """The mount type holding `path` (Linux /proc/mounts), or None if unknown."""
     try:
         mounts = Path("/proc/mounts").read_text().splitlines()
@@ -217,7 +217,7 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
             except OSError as e:
                 raise DatabaseError(f"cannot create the queue's folder {path.parent}: "
                                     f"{e.strerror or e}") from None
-    fs = _filesystem_type(path.parent)
+    fs = filesystem_type(path.parent)
     if fs in NETWORK_FILESYSTEMS:
         raise DatabaseError(
             f"{path} is on a network filesystem ({fs}); SQLite locking is unsafe there: "

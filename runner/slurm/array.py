@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from db.engine import _filesystem_type as filesystem_type
+from db.engine import filesystem_type
 from runner.bucket.s3 import is_s3
 
 SIGNALS = ("TERM", "USR1", "HUP")  # each makes a worker hand its job back (runner.worker)
