@@ -30,6 +30,11 @@ class SlurmError(Exception):
     """SLURM cannot do what was asked; the message says why, in one line."""
 
 
+class Refused(Exception):
+    """What was asked cannot be done as given (an option, a launch not of this queue): one
+    line, said before anything is written or submitted."""
+
+
 @dataclass
 class SubmitOptions:
     workers: int
@@ -70,11 +75,12 @@ def time_seconds(value: str) -> int:
 
 
 def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys.executable,
-                 shown_url: str | None = None) -> str:
+                 shown_url: str | None = None, root: Path = ROOT) -> str:
     """The sbatch script of a job array of `opts.workers` worker tasks.
 
     `shown_url`: the URL to write in the script's comment (masked); `db_url` is what the
     workers use, passed explicitly so nothing depends on the submitting shell's $RUNNER_DB.
+    `root`: the checkout the tasks run `python -m runner` in.
     """
     array = f"0-{opts.workers - 1}" + (f"%{opts.parallel}" if opts.parallel else "")
     lines = [
@@ -104,7 +110,7 @@ def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys
               *opts.worker_args]
     lines += [
         "",
-        f"cd {shlex.quote(str(ROOT))}",
+        f"cd {shlex.quote(str(root))}",
         "# exec: the worker is this batch step's process, so SLURM's signals reach it.",
         "exec " + " ".join(shlex.quote(w) for w in worker),
         "",
@@ -195,30 +201,37 @@ def write_script(text: str, logs: Path) -> Path:
 def tasks(job_ids: list[str]) -> dict[str, list[dict]]:
     """Per launch id, its array tasks as squeue and (where accounting runs) sacct know them:
     [{'task': '123_0', 'state': 'RUNNING', 'time': '1:02', 'reason': 'vm'}, ...]."""
-    found: dict[str, list[dict]] = {j: [] for j in job_ids}
     if not job_ids or not shutil.which("squeue"):
-        return found
+        return {j: [] for j in job_ids}
+    squeue = _run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%F|%T|%M|%R"],
+                  "squeue")
+    sacct = ""
+    if shutil.which("sacct"):  # finished tasks; clusters without accounting answer nothing
+        try:
+            sacct = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o",
+                          "JobID,State,Elapsed,ExitCode"], "sacct")
+        except SlurmError:
+            pass
+    return parse_tasks(job_ids, squeue, sacct)
+
+
+def parse_tasks(job_ids: list[str], squeue: str, sacct: str = "") -> dict[str, list[dict]]:
+    """tasks() from squeue's `%i|%F|%T|%M|%R` lines and sacct's
+    `JobID|State|Elapsed|ExitCode` lines; squeue's word wins for a task both name."""
+    found: dict[str, list[dict]] = {j: [] for j in job_ids}
     seen: set[str] = set()
-    out = _run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%F|%T|%M|%R"],
-               "squeue")
-    for line in out.splitlines():
+    for line in squeue.splitlines():
         task, array, state, elapsed, reason = (line.split("|") + [""] * 5)[:5]
         if array in found:
             found[array].append({"task": task, "state": state, "time": elapsed,
                                  "reason": reason})
             seen.add(task)
-    if shutil.which("sacct"):  # finished tasks; clusters without accounting answer nothing
-        try:
-            out = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o",
-                        "JobID,State,Elapsed,ExitCode"], "sacct")
-        except SlurmError:
-            out = ""
-        for line in out.splitlines():
-            task, state, elapsed, code = (line.split("|") + [""] * 4)[:4]
-            launch = task.split("_")[0]
-            if launch in found and task not in seen and "[" not in task:
-                found[launch].append({"task": task, "state": state.split()[0],
-                                      "time": elapsed, "reason": f"exit {code}"})
+    for line in sacct.splitlines():
+        task, state, elapsed, code = (line.split("|") + [""] * 4)[:4]
+        launch = task.split("_")[0]
+        if launch in found and task not in seen and "[" not in task:
+            found[launch].append({"task": task, "state": state.split()[0],
+                                  "time": elapsed, "reason": f"exit {code}"})
     return found
 
 
