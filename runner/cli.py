@@ -709,8 +709,9 @@ def slurm():
 @click.option("--parallel", type=click.IntRange(min=1), default=None,
               help="At most this many tasks at once (--array=0-N%P).")
 @click.option("--partition", default=None)
-@click.option("--time", "time_limit", default=None, metavar="MINUTES|HH:MM:SS",
-              help="Each task's time limit; a worker stopped by it requeues itself.")
+@click.option("--time", "time_limit", default=None, metavar="TIME",
+              help="Each task's time limit, as sbatch takes it: MINUTES, MM:SS, HH:MM:SS, "
+                   "D-HH, D-HH:MM or D-HH:MM:SS. A worker stopped by it requeues itself.")
 @click.option("--gpus-per-worker", type=click.IntRange(min=0), default=None,
               help="--gres=gpu:K per task [default: 1; 0 with --cpu].")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), default=None,

@@ -185,10 +185,10 @@ def test_multi_node_partitions_need_postgresql_and_shared_folders(env, tmp_path,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--time", "0"], "error: --time '0': expected MINUTES, HH:MM:SS or D-HH:MM:SS, more "
-                      "than zero"),
-    (["--time", "1:5"], "error: --time '1:5': expected MINUTES, HH:MM:SS or D-HH:MM:SS, more "
-                        "than zero"),
+    (["--time", "0"], "error: --time '0': expected MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                      "D-HH:MM:SS, more than zero"),
+    (["--time", "1:2:3:4"], "error: --time '1:2:3:4': expected MINUTES, MM:SS, HH:MM:SS, D-HH, "
+                            "D-HH:MM or D-HH:MM:SS, more than zero"),
     (["--time", "2", "--grace", "120"], "error: --grace 120s is not shorter than --time 2: "
                                         "the workers would be told to stop before they start"),
     (["--partition", "nosuch"], "error: --partition nosuch: no such partition (sinfo lists "

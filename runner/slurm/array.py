@@ -40,7 +40,7 @@ class SubmitOptions:
     workers: int
     parallel: int | None = None
     partition: str | None = None
-    time: str | None = None          # SLURM's form, from parse_time
+    time: str | None = None          # as sbatch takes it (time_seconds checks it)
     gpus_per_worker: int = 1
     cpus_per_worker: int | None = None
     mem: str | None = None
@@ -53,25 +53,28 @@ class SubmitOptions:
     worker_args: list[str] = field(default_factory=list)  # e.g. --lease 30
 
 
-def parse_time(value: str) -> str:
-    """MINUTES, HH:MM:SS or D-HH:MM:SS -> the same in SLURM's form; ValueError if neither."""
-    value = value.strip()
-    if re.fullmatch(r"[1-9]\d*", value):
-        return value
-    match = re.fullmatch(r"(?:(\d+)-)?(\d{1,2}):([0-5]\d):([0-5]\d)", value)
-    if not match or not any(int(g) for g in match.groups() if g):
-        raise ValueError(f"--time {value!r}: expected MINUTES, HH:MM:SS or D-HH:MM:SS, "
-                         "more than zero")
-    return value
+TIME_FORMS = "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_CLOCK = re.compile(r"[0-9]+(?::[0-9]+){0,2}")          # M, M:S, H:M:S
+_DAYS = re.compile(r"([0-9]+)-([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")  # D-H, D-H:M, D-H:M:S
 
 
 def time_seconds(value: str) -> int:
-    """A parse_time value in seconds."""
-    if value.isdigit():
-        return int(value) * 60
-    days, _, clock = value.rpartition("-")
-    h, m, s = (int(x) for x in clock.split(":"))
-    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+    """A time limit in any form `sbatch --time` takes, in seconds (fields need not be two
+    digits, nor below 60: 1:2:3 and 100:00:00 are SLURM's too); ValueError for anything
+    else or for no time at all (SLURM reads 0 as no limit: leave --time out for that)."""
+    value = value.strip()
+    if match := _DAYS.fullmatch(value):
+        days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    elif _CLOCK.fullmatch(value):
+        fields = tuple(int(f) for f in value.split(":"))
+        days = 0
+        hours, minutes, seconds = {1: (0, *fields, 0), 2: (0, *fields), 3: fields}[len(fields)]
+    else:
+        days = hours = minutes = seconds = 0
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"--time {value!r}: expected {TIME_FORMS}, more than zero")
+    return total
 
 
 def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys.executable,

@@ -24,13 +24,13 @@ def time_limit(value: str | None, grace: int) -> str | None:
     if not value:
         return None
     try:
-        limit = array.parse_time(value)
+        seconds = array.time_seconds(value)
     except ValueError as e:
         raise Refused(str(e)) from None
-    if grace >= array.time_seconds(limit):
+    if grace >= seconds:
         raise Refused(f"--grace {grace}s is not shorter than --time {value}: the workers "
                       "would be told to stop before they start")
-    return limit
+    return value.strip()
 
 
 def absolute_sqlite_url(url: str) -> str:
