@@ -75,6 +75,10 @@ class NoQueue(DatabaseError):
     """The SQLite queue file does not exist (nothing planned yet)."""
 
 
+class NotAQueue(DatabaseError):
+    """The database holds no queue: no jobs table (an empty database, or the wrong one)."""
+
+
 class db_now(FunctionElement):
     """Seconds since the epoch on the database server's clock (not the worker's)."""
 
@@ -311,7 +315,7 @@ def _check_schema(engine: Engine, where: str) -> None:
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
         if not QUEUE_TABLES <= tables:
-            raise DatabaseError(f"'{where}' is not a queue database (it has no jobs table); "
+            raise NotAQueue(f"'{where}' is not a queue database (it has no jobs table); "
                                 "plan a sweep into it first, or check --db")
         version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
     version = int(version or 0)

@@ -50,6 +50,20 @@ def open_queue(ctx: click.Context, create: bool = False, readonly: bool = False,
         raise BadInput(str(e)) from None
 
 
+def open_existing_queue(ctx: click.Context) -> JobQueue:
+    """The queue, to write to, where there is one already: a database without a queue (an
+    empty one, a wrong --db) is refused and gets no tables."""
+    from db.engine import NotAQueue
+
+    try:
+        connect(ctx.obj["db"], readonly=True).dispose()
+    except NotAQueue as e:
+        raise BadInput(str(e)) from None
+    except DatabaseError:
+        pass  # an older schema (upgraded below), or what open_queue reports itself
+    return open_queue(ctx)
+
+
 def log_outage(notice) -> None:
     """The database was unreachable when a command started, and the command waits."""
     from runner.progress import duration
@@ -716,7 +730,8 @@ def slurm():
               help="--gres=gpu:K per task [default: 1; 0 with --cpu].")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), default=None,
               help="--cpus-per-task; the worker uses that many threads.")
-@click.option("--mem", default=None, help="Memory per task, as sbatch takes it (16G).")
+@click.option("--mem", default=None,
+              help="Memory per task, as sbatch takes it: megabytes, or with K, M, G or T (16G).")
 @click.option("--account", default=None)
 @click.option("--qos", default=None)
 @click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="ARG",
@@ -749,6 +764,7 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
 
     try:
         limit = submit.time_limit(time_limit, grace)
+        submit.check_memory(mem)
     except Refused as e:
         raise BadInput(str(e)) from None
     url = submit.absolute_sqlite_url(ctx.obj["db"])
@@ -801,7 +817,7 @@ def slurm_cancel(ctx, job_ids, grace, stop_signal):
     from runner.slurm import launches
     from runner.slurm.array import Refused, SlurmError
 
-    queue = open_queue(ctx)
+    queue = open_existing_queue(ctx)
     try:
         for line in launches.cancel(queue, job_ids, stop_signal, grace):
             click.echo(line)

@@ -191,12 +191,24 @@ def test_multi_node_partitions_need_postgresql_and_shared_folders(env, tmp_path,
                             "D-HH:MM or D-HH:MM:SS, more than zero"),
     (["--time", "2", "--grace", "120"], "error: --grace 120s is not shorter than --time 2: "
                                         "the workers would be told to stop before they start"),
+    (["--mem", "lots"], "error: --mem 'lots': expected a size as sbatch takes it: megabytes, "
+                        "or a number with K, M, G or T (16G)"),
     (["--partition", "nosuch"], "error: --partition nosuch: no such partition (sinfo lists "
                                 "none)"),
 ])
 def test_bad_submissions_are_refused_in_one_line(env, tmp_path, args, message):
-    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
     assert refused_line(run(env, "slurm", "submit", "--workers", "1", *args)) == message
+    assert not (tmp_path / "runs" / "logs").exists()  # no script left behind
+    assert queue.launches("slurm") == []
+
+
+def test_the_time_forms_sbatch_takes_reach_the_script(env, tmp_path):
+    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    for form in ("30:00", "1-12", "2-0", "1-0:30", "100:00:00", "1:2:3"):
+        proc = run(env, "slurm", "submit", "--workers", "1", "--time", form, "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        assert f"#SBATCH --time={form}" in proc.stdout.splitlines()
 
 
 def test_nothing_pending_or_no_sbatch_is_refused(env, tmp_path):

@@ -7,6 +7,7 @@ SLURM itself refuses afterwards is an array.SlurmError.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ def time_limit(value: str | None, grace: int) -> str | None:
         raise Refused(f"--grace {grace}s is not shorter than --time {value}: the workers "
                       "would be told to stop before they start")
     return value.strip()
+
+
+def check_memory(value: str | None) -> None:
+    """--mem as sbatch takes it (megabytes, or K, M, G, T with an optional B, any case;
+    0: all of a node's), so a typo is refused before a script is written."""
+    if value is not None and not re.fullmatch(r"[0-9]+(?:[KMGT]B?)?", value, re.IGNORECASE):
+        raise Refused(f"--mem {value!r}: expected a size as sbatch takes it: megabytes, or a "
+                      "number with K, M, G or T (16G)")
 
 
 def absolute_sqlite_url(url: str) -> str:
