@@ -334,6 +334,23 @@ def test_slurm_cancel_mid_job_loses_nothing(env, tmp_path):
     assert len(queue.workers()) == 2  # the third task never started a worker
 
 
+def test_slurm_cancel_skips_a_launch_that_ended_and_cancels_the_live_one(env, tmp_path):
+    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
+    queue.record_launch("slurm", "999999", 2, None, {})  # long gone: SLURM forgot its id
+    # Tasks that wait an hour to start: a live launch, and no training in this test.
+    job_id = submit(env, "--workers", "2", "--sbatch-arg=--begin=now+3600")
+    assert set(array_tasks(env, job_id).values()) == {"PENDING"}
+    proc = run(env, "slurm", "cancel", "--grace", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "SLURM job 999999 had ended already: nothing to cancel",
+        f"SLURM job {job_id} cancelled: 0 running worker(s) signalled to hand their jobs back"]
+    assert not array_tasks(env, job_id)
+    assert {la["job_id"]: la["cancelled_at"] is not None for la in queue.launches("slurm")} == {
+        "999999": False, job_id: True}
+    assert [j["state"] for j in queue.jobs()] == ["pending"] * 2
+
+
 def test_a_plain_scancel_is_honoured_the_job_handed_back(env, tmp_path):
     queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
                  "--only", "model=gpt2", "--set", "training.train_steps=5000",

@@ -24,6 +24,8 @@ from runner.bucket.s3 import is_s3
 SIGNALS = ("TERM", "USR1", "HUP")  # each makes a worker hand its job back (runner.worker)
 ROOT = Path(__file__).resolve().parents[2]  # the project: `python -m runner` runs from it
 LOCAL_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs"}
+# What squeue and scancel say of a job id SLURM no longer knows (ended, then purged).
+FORGOTTEN = "Invalid job id specified"
 
 
 class SlurmError(Exception):
@@ -238,21 +240,42 @@ def parse_tasks(job_ids: list[str], squeue: str, sacct: str = "") -> dict[str, l
     return found
 
 
+def live_tasks(job_id: str) -> list[dict]:
+    """The launch's tasks squeue still lists (pending, running, ending), as tasks() gives
+    them; [] once the launch has ended (squeue says nothing, or no longer knows the id)."""
+    try:
+        out = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%F|%T|%M|%R"], "squeue")
+    except SlurmError as e:
+        if FORGOTTEN in str(e):
+            return []
+        raise
+    return parse_tasks([job_id], out)[job_id]
+
+
+def _scancel(*args: str) -> None:
+    """scancel; a launch that ended meanwhile (SLURM forgot its id) is no error."""
+    try:
+        _run(["scancel", *args], "scancel")
+    except SlurmError as e:
+        if FORGOTTEN not in str(e):
+            raise
+
+
 def cancel(job_id: str, sig: str, grace: float, poll: float = 1.0) -> dict:
     """Stop a launch without losing work: its tasks not yet started are cancelled, the
     running ones get the hand-back signal and `grace` seconds to checkpoint and exit; what is
     still there then is cancelled outright. Returns counts of what happened."""
-    _run(["scancel", "--state=PENDING", job_id], "scancel")
-    running = [t for t in tasks([job_id])[job_id] if t["state"] in ("RUNNING", "COMPLETING")]
+    _scancel("--state=PENDING", job_id)
+    running = [t for t in live_tasks(job_id) if t["state"] in ("RUNNING", "COMPLETING")]
     if running:
-        _run(["scancel", f"--signal={sig}", "--batch", job_id], "scancel")
+        _scancel(f"--signal={sig}", "--batch", job_id)
     deadline = time.monotonic() + grace
     left = running
     while left and time.monotonic() < deadline:
         time.sleep(poll)
-        left = [t for t in tasks([job_id])[job_id] if t["state"] == "RUNNING"]
+        left = [t for t in live_tasks(job_id) if t["state"] == "RUNNING"]
     if left:
-        _run(["scancel", job_id], "scancel")
+        _scancel(job_id)
     return {"signalled": len(running), "killed": len(left)}
 
 

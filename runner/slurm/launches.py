@@ -67,7 +67,8 @@ def _who(worker: dict | None) -> str:
 def cancel(queue: JobQueue, job_ids: tuple[str, ...], sig: str, grace: float) -> Iterator[str]:
     """Stop the given launches (none given: every one not cancelled yet) without losing
     work, a line for each as it is done. Launch ids not of this queue are refused before
-    anything is cancelled; a launch SLURM cannot cancel raises array.SlurmError."""
+    anything is cancelled; a launch that has ended is only said to have; one SLURM cannot
+    cancel raises array.SlurmError."""
     known = {la["job_id"]: la for la in queue.launches("slurm")}
     for job_id in job_ids:
         if job_id not in known:
@@ -78,6 +79,9 @@ def cancel(queue: JobQueue, job_ids: tuple[str, ...], sig: str, grace: float) ->
         yield "no SLURM launch left to cancel"
         return
     for job_id in chosen:
+        if not array.live_tasks(job_id):  # left as it ended: not marked cancelled
+            yield f"SLURM job {job_id} had ended already: nothing to cancel"
+            continue
         queue.cancel_launch("slurm", job_id)  # first: a stopped worker must not requeue
         done = array.cancel(job_id, sig, grace)
         yield (f"SLURM job {job_id} cancelled: {done['signalled']} running worker(s) "
