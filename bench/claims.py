@@ -49,7 +49,7 @@ from sqlalchemy import create_engine, delete, func, inspect, select, text  # noq
 from sqlalchemy.engine import make_url  # noqa: E402
 from sqlalchemy.pool import NullPool  # noqa: E402
 
-from db.engine import _filesystem_type, connect, mask_url, normalize_url  # noqa: E402
+from db.engine import connect, filesystem_type, mask_url, normalize_url  # noqa: E402
 from db.models import Base, Event, Job  # noqa: E402
 from db.queue import JobQueue  # noqa: E402
 from runner.planner import job_rows, load_sweep  # noqa: E402
@@ -191,7 +191,7 @@ def header(args, folder):
     engine.dispose()
     print(f"queue benchmark  db: {shown} ({backend}, {version})")
     if backend == "sqlite" and args.db is None:
-        print(f"  folder {folder} on {_filesystem_type(folder) or '?'}")
+        print(f"  folder {folder} on {filesystem_type(folder) or '?'}")
     print(f"  CPUs {os.cpu_count()}  Python {platform.python_version()}  "
           f"SQLAlchemy {sqlalchemy.__version__}  {platform.platform()}")
 

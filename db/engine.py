@@ -78,6 +78,10 @@ class NoQueue(DatabaseError):
     """The SQLite queue file does not exist (nothing planned yet)."""
 
 
+class NotAQueue(DatabaseError):
+    """The database holds no queue: no jobs table (an empty database, or the wrong one)."""
+
+
 class db_now(FunctionElement):
     """Seconds since the epoch on the database server's clock (not the worker's)."""
 
@@ -105,7 +109,7 @@ def mask_url(url: str) -> str:
     return _PASSWORD.sub(r"\1***@", url)
 
 
-def _filesystem_type(path: Path) -> str | None:
+def filesystem_type(path: Path) -> str | None:
     """The mount type holding `path` (Linux /proc/mounts), or None if unknown."""
     try:
         mounts = Path("/proc/mounts").read_text().splitlines()
@@ -225,7 +229,7 @@ def _sqlite_engine(url: str, database: str | None, create: bool, readonly: bool)
             except OSError as e:
                 raise DatabaseError(f"cannot create the queue's folder {path.parent}: "
                                     f"{e.strerror or e}") from None
-    fs = _filesystem_type(path.parent)
+    fs = filesystem_type(path.parent)
     if fs in NETWORK_FILESYSTEMS:
         raise DatabaseError(
             f"{path} is on a network filesystem ({fs}); SQLite locking is unsafe there: "
@@ -319,7 +323,7 @@ def _check_schema(engine: Engine, where: str) -> None:
     with engine.connect() as conn:
         tables = set(inspect(conn).get_table_names())
         if not QUEUE_TABLES <= tables:
-            raise DatabaseError(f"'{where}' is not a queue database (it has no jobs table); "
+            raise NotAQueue(f"'{where}' is not a queue database (it has no jobs table); "
                                 "plan a sweep into it first, or check --db")
         version = conn.execute(select(Meta.value).where(Meta.key == "schema_version")).scalar()
     version = int(version or 0)

@@ -11,7 +11,6 @@ import collections
 import logging
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from db import DatabaseError, JobQueue, connect, mask_url
 from db.engine import NoQueue, default_url
 from db.models import STATES
 from db.queue import ORDERS, PlanReport
-from runner.bucket.s3 import BucketError, is_s3
+from runner.bucket.s3 import BucketError
 
 EXIT_BAD_INPUT = 2
 
@@ -50,6 +49,20 @@ def open_queue(ctx: click.Context, create: bool = False, readonly: bool = False,
         raise click.ClickException(str(e)) from None
     except DatabaseError as e:
         raise BadInput(str(e)) from None
+
+
+def open_existing_queue(ctx: click.Context) -> JobQueue:
+    """The queue, to write to, where there is one already: a database without a queue (an
+    empty one, a wrong --db) is refused and gets no tables."""
+    from db.engine import NotAQueue
+
+    try:
+        connect(ctx.obj["db"], readonly=True).dispose()
+    except NotAQueue as e:
+        raise BadInput(str(e)) from None
+    except DatabaseError:
+        pass  # an older schema (upgraded below), or what open_queue reports itself
+    return open_queue(ctx)
 
 
 def log_outage(notice) -> None:
@@ -719,13 +732,15 @@ def slurm():
 @click.option("--parallel", type=click.IntRange(min=1), default=None,
               help="At most this many tasks at once (--array=0-N%P).")
 @click.option("--partition", default=None)
-@click.option("--time", "time_limit", default=None, metavar="MINUTES|HH:MM:SS",
-              help="Each task's time limit; a worker stopped by it requeues itself.")
+@click.option("--time", "time_limit", default=None, metavar="TIME",
+              help="Each task's time limit, as sbatch takes it: MINUTES, MM:SS, HH:MM:SS, "
+                   "D-HH, D-HH:MM or D-HH:MM:SS. A worker stopped by it requeues itself.")
 @click.option("--gpus-per-worker", type=click.IntRange(min=0), default=None,
               help="--gres=gpu:K per task [default: 1; 0 with --cpu].")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), default=None,
               help="--cpus-per-task; the worker uses that many threads.")
-@click.option("--mem", default=None, help="Memory per task, as sbatch takes it (16G).")
+@click.option("--mem", default=None,
+              help="Memory per task, as sbatch takes it: megabytes, or with K, M, G or T (16G).")
 @click.option("--account", default=None)
 @click.option("--qos", default=None)
 @click.option("--sbatch-arg", "sbatch_args", multiple=True, metavar="ARG",
@@ -753,113 +768,46 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
     while jobs are pending; it exits 0 when nothing is left, so the array ends with the
     sweep. The queue URL is written into the script (which is private to you).
     """
-    from runner.slurm import array
+    from runner.slurm import submit
+    from runner.slurm.array import Refused, SlurmError, SubmitOptions
 
     try:
-        limit = array.parse_time(time_limit) if time_limit else None
-    except ValueError as e:
+        limit = submit.time_limit(time_limit, grace)
+        submit.check_memory(mem)
+    except Refused as e:
         raise BadInput(str(e)) from None
-    if limit and grace >= array.time_seconds(limit):
-        raise BadInput(f"--grace {grace}s is not shorter than --time {time_limit}: the "
-                       "workers would be told to stop before they start")
-    url = absolute_sqlite_url(ctx.obj["db"])
+    url = submit.absolute_sqlite_url(ctx.obj["db"])
     queue = open_queue(ctx, readonly=dry_run)
-    # Running jobs count: one whose worker died is the new workers' to reclaim.
-    pending = [j for j in queue.jobs() if j["state"] in ("pending", "running")]
-    if not pending:
-        raise BadInput("nothing pending or running in the queue: no workers to submit "
-                       "(python -m runner status)")
-    opts = array.SubmitOptions(
+    opts = SubmitOptions(
         workers=workers, parallel=parallel, partition=partition, time=limit,
         gpus_per_worker=(0 if cpu else 1) if gpus_per_worker is None else gpus_per_worker,
         cpus_per_worker=cpus_per_worker, mem=mem, account=account, qos=qos, cpu=cpu,
         grace=grace, signal=stop_signal, sbatch_args=list(sbatch_args),
         worker_args=["--lease", f"{lease:g}"] if lease else [])
-    first = pending[0]["out_dir"]  # beside the job folders; job folders in a bucket: runs/
-    logs = Path(logs or (Path("runs/logs") if is_s3(first)
-                         else Path(first).parents[1] / "logs")).resolve()
     try:
-        nodes = array.partition_nodes(partition) if shutil.which("sinfo") else 1
-    except array.SlurmError as e:
-        if not dry_run:
-            raise BadInput(str(e)) from None
-        # A script may be previewed where no cluster answers (a laptop, say).
-        click.echo(f"note: the partition was not checked ({e})", err=True)
-        nodes = 1
-    try:
-        if not dry_run:
-            array.sbatch_path()
-        array.check_multi_node(url, sorted({j["out_dir"] for j in pending}), nodes)
-    except array.SlurmError as e:
+        sub = submit.prepare(queue, url, opts, logs, dry_run,
+                             note=lambda line: click.echo(line, err=True))
+        if dry_run:
+            click.echo(sub.script(masked=True), nl=False)
+            return
+        job_id, script = submit.submit(queue, sub)
+    except Refused as e:
         raise BadInput(str(e)) from None
-    if dry_run:
-        click.echo(array.batch_script(opts, mask_url(url), logs, shown_url=mask_url(url)),
-                   nl=False)
-        return
-    script = array.write_script(array.batch_script(opts, url, logs, shown_url=mask_url(url)),
-                                 logs)
-    try:
-        job_id = array.submit(script)
-    except array.SlurmError as e:
-        raise click.ClickException(f"{e} (script kept: {script})") from None
-    queue.record_launch("slurm", job_id, workers, str(script), array.launch_detail(opts))
+    except SlurmError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(job_id)
-    click.echo(f"submitted {workers} worker(s) as SLURM job {job_id} for {len(pending)} "
-               f"unfinished job(s); script {script}, logs {logs}/slurm-{job_id}_*.log",
-               err=True)
-
-
-def absolute_sqlite_url(url: str) -> str:
-    """A SQLite URL with an absolute path: the tasks run in another folder."""
-    from db.engine import normalize_url
-
-    url = normalize_url(url)
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url[len(prefix):].startswith("/"):
-        path, sep, query = url[len(prefix):].partition("?")
-        return prefix + str(Path(path).resolve()) + sep + query
-    return url
+    click.echo(submit.submitted_line(sub, job_id, script), err=True)
 
 
 @slurm.command("status")
 @click.pass_context
 def slurm_status(ctx):
     """The SLURM launches of this queue, their tasks (squeue, sacct) and workers."""
-    from runner.slurm import array
+    from runner.slurm import launches
 
     queue = open_queue(ctx, readonly=True)
-    launches = queue.launches("slurm")
-    if not launches:
-        click.echo("no SLURM launches recorded for this queue (python -m runner slurm submit)")
-        return
-    try:
-        found = array.tasks([la["job_id"] for la in launches])
-    except array.SlurmError as e:
-        found = {}
-        click.echo(f"({e}; showing the queue's records only)", err=True)
-    workers = collections.defaultdict(list)
-    for w in queue.workers():
-        if w["slurm_array"]:
-            workers[w["slurm_array"]].append(w)
-    for la in launches:
-        state = "cancelled" if la["cancelled_at"] else "submitted"
-        click.echo(f"SLURM job {la['job_id']}: {la['tasks']} task(s), {state} "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(la['at']))}; "
-                   f"{array.describe_detail(la['detail'])}")
-        click.echo(f"  script {la['script']}")
-        tasks = {t["task"]: t for t in found.get(la["job_id"], [])}
-        names = sorted(set(tasks) | {a for a in workers if a.split("_")[0] == la["job_id"]},
-                       key=lambda a: int(a.rpartition("_")[2] or 0))
-        for name in names:
-            task = tasks.get(name)
-            where = (f"{task['state'].lower()} {task['time']} ({task['reason']})" if task
-                     else "not in squeue")
-            newest = workers[name][-1] if workers.get(name) else None
-            who = (f"worker {newest['name']} ({'live' if newest['alive'] else newest['state']}"
-                   f", GPUs {newest['gpus'] or '-'}, restarts {newest['slurm_restarts']}"
-                   + (f", job {newest['job']}" if newest["job"] else "") + ")"
-                   if newest else "no worker yet")
-            click.echo(f"  task {name}: {where}; {who}")
+    for line in launches.status(queue, note=lambda line: click.echo(line, err=True)):
+        click.echo(line)
 
 
 @slurm.command("cancel")
@@ -875,28 +823,17 @@ def slurm_cancel(ctx, job_ids, grace, stop_signal):
     Tasks not started are cancelled; running workers get the hand-back signal, checkpoint
     and return their jobs to pending, and do not requeue themselves.
     """
-    from runner.slurm import array
+    from runner.slurm import launches
+    from runner.slurm.array import Refused, SlurmError
 
-    queue = open_queue(ctx)
-    known = {la["job_id"]: la for la in queue.launches("slurm")}
-    for job_id in job_ids:
-        if job_id not in known:
-            raise BadInput(f"SLURM job {job_id} is not a launch of this queue "
-                           f"(known: {', '.join(known) or 'none'})")
-    chosen = list(job_ids) or [j for j, la in known.items() if not la["cancelled_at"]]
-    if not chosen:
-        click.echo("no SLURM launch left to cancel")
-        return
-    for job_id in chosen:
-        queue.cancel_launch("slurm", job_id)  # first: a stopped worker must not requeue
-        try:
-            done = array.cancel(job_id, stop_signal, grace)
-        except array.SlurmError as e:
-            raise click.ClickException(str(e)) from None
-        click.echo(f"SLURM job {job_id} cancelled: {done['signalled']} running worker(s) "
-                   "signalled to hand their jobs back" + (
-                       f", {done['killed']} still running after {grace:g}s and killed (their "
-                       "jobs resume from their last checkpoints)" if done["killed"] else ""))
+    queue = open_existing_queue(ctx)
+    try:
+        for line in launches.cancel(queue, job_ids, stop_signal, grace):
+            click.echo(line)
+    except Refused as e:
+        raise BadInput(str(e)) from None
+    except SlurmError as e:
+        raise click.ClickException(str(e)) from None
 
 
 @cli.command(name="gc")

@@ -40,7 +40,8 @@ from runner.bucket.jobfolder import Fenced
 from runner.bucket.sync import JobSync
 from runner.liveness import HOST, dead_reason, process_token
 from runner.progress import JobDisplay, duration
-from runner.slurm.task import SlurmTask
+from runner.slurm import task as slurm_task
+from runner.slurm.task import HAND_BACK_SIGNALS, SlurmTask
 from trainer.device import BadDevice
 from trainer.files import append_log
 from trainer.job import FolderBusy, Job, JobSpec, StudyJob
@@ -208,9 +209,9 @@ class ProgressWriter:
                 return
 
 
-# Each asks the worker to checkpoint its job, hand it back and exit: clusters differ in what
-# they send before a time limit or a preemption.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
+# Each asks the worker to checkpoint its job, hand it back and exit: Ctrl-C, and what clusters
+# send before a time limit or a preemption.
+STOP_SIGNALS = (signal.SIGINT, *HAND_BACK_SIGNALS)
 
 
 class Worker:
@@ -277,10 +278,8 @@ class Worker:
                                    self.device, self.lease,
                                    self.slurm.columns() if self.slurm else None)
         log.info("worker %s on %s, lease %gs%s", self.name, self.device, self.lease,
-                 slurm_line(self.slurm))
-        if self.slurm and self.queue.launch_cancelled("slurm", self.slurm.launch_id):
-            log.info("SLURM job %s was cancelled (python -m runner slurm cancel): not "
-                     "claiming", self.slurm.launch_id)
+                 slurm_task.log_line(self.slurm))
+        if slurm_task.launch_cancelled(self.queue, self.slurm):
             self.queue.worker_seen(self.name, "exited")
             return 0
         waiting_for = None
@@ -321,34 +320,9 @@ class Worker:
         finally:
             with contextlib.suppress(DatabaseError):
                 self.queue.worker_seen(self.name, "exited")
-        if self.slurm and self.stopped_by:
-            self.requeue_slurm_task()
+        if self.stopped_by:
+            slurm_task.requeue_if_work_left(self.queue, self.slurm)
         return len(self.outcomes)
-
-    def requeue_slurm_task(self) -> None:
-        """Stopped by a signal under SLURM (a time limit near, a preemption): come back while
-        work is left. SLURM requeues a preempted task itself, but not one at its time limit;
-        a task `slurm cancel` stopped stays stopped."""
-        task = self.slurm
-        if self.queue.launch_cancelled("slurm", task.launch_id):
-            log.info("SLURM job %s was cancelled: not requeueing task %s", task.launch_id,
-                     task.array)
-            return
-        pending = self.queue.counts()["pending"]
-        if not pending:
-            log.info("no pending jobs left: not requeueing SLURM task %s", task.array)
-            return
-        state = task.state()
-        if state != "RUNNING":  # cancelled (scancel) or preempted: SLURM decides
-            log.info("SLURM task %s is %s: not requeueing it", task.array,
-                     (state or "unknown").lower())
-            return
-        refused = task.requeue()
-        if refused is None:
-            log.info("%d job(s) pending: SLURM task %s requeued (it claims again when SLURM "
-                     "restarts it)", pending, task.array)
-        else:
-            log.warning("scontrol requeue %s: %s", task.job_id, refused)
 
     @property
     def all_failed(self) -> bool:
@@ -499,14 +473,6 @@ class Worker:
         with contextlib.suppress(LeaseLost):
             self.queue.release(claim, step)
         return "stopped"
-
-
-def slurm_line(task: SlurmTask | None) -> str:
-    """', SLURM job 123 (array 120_3, restart 1), GPUs 1' for the worker's first log line."""
-    if task is None:
-        return ""
-    return (f", SLURM job {task.job_id} (array {task.array}, restart {task.restarts})"
-            + (f", GPUs {task.gpus}" if task.gpus else ""))
 
 
 def held_message(held: list[dict], waiting: bool) -> str:

@@ -105,14 +105,14 @@ def test_sqlite_is_configured_for_many_processes(tmp_path):
 
 
 def test_sqlite_on_a_network_filesystem_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine_module, "_filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr(engine_module, "filesystem_type", lambda path: "nfs4")
     with pytest.raises(DatabaseError, match="network filesystem"):
         connect(f"sqlite:///{tmp_path / 'q.sqlite'}", create=True)
     assert not (tmp_path / "q.sqlite").exists()
 
 
 def test_filesystem_type_of_a_local_folder(tmp_path):
-    assert engine_module._filesystem_type(tmp_path) not in engine_module.NETWORK_FILESYSTEMS
+    assert engine_module.filesystem_type(tmp_path) not in engine_module.NETWORK_FILESYSTEMS
 
 
 @pytest.mark.parametrize("url, shown", [

@@ -185,18 +185,30 @@ def test_multi_node_partitions_need_postgresql_and_shared_folders(env, tmp_path,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--time", "0"], "error: --time '0': expected MINUTES, HH:MM:SS or D-HH:MM:SS, more "
-                      "than zero"),
-    (["--time", "1:5"], "error: --time '1:5': expected MINUTES, HH:MM:SS or D-HH:MM:SS, more "
-                        "than zero"),
+    (["--time", "0"], "error: --time '0': expected MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                      "D-HH:MM:SS, more than zero"),
+    (["--time", "1:2:3:4"], "error: --time '1:2:3:4': expected MINUTES, MM:SS, HH:MM:SS, D-HH, "
+                            "D-HH:MM or D-HH:MM:SS, more than zero"),
     (["--time", "2", "--grace", "120"], "error: --grace 120s is not shorter than --time 2: "
                                         "the workers would be told to stop before they start"),
+    (["--mem", "lots"], "error: --mem 'lots': expected a size as sbatch takes it: megabytes, "
+                        "or a number with K, M, G or T (16G)"),
     (["--partition", "nosuch"], "error: --partition nosuch: no such partition (sinfo lists "
                                 "none)"),
 ])
 def test_bad_submissions_are_refused_in_one_line(env, tmp_path, args, message):
-    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
     assert refused_line(run(env, "slurm", "submit", "--workers", "1", *args)) == message
+    assert not (tmp_path / "runs" / "logs").exists()  # no script left behind
+    assert queue.launches("slurm") == []
+
+
+def test_the_time_forms_sbatch_takes_reach_the_script(env, tmp_path):
+    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    for form in ("30:00", "1-12", "2-0", "1-0:30", "100:00:00", "1:2:3"):
+        proc = run(env, "slurm", "submit", "--workers", "1", "--time", form, "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        assert f"#SBATCH --time={form}" in proc.stdout.splitlines()
 
 
 def test_nothing_pending_or_no_sbatch_is_refused(env, tmp_path):
@@ -320,6 +332,23 @@ def test_slurm_cancel_mid_job_loses_nothing(env, tmp_path):
     assert "not requeueing task" in slurm_logs(tmp_path, job_id)
     assert queue.launches("slurm")[0]["cancelled_at"] is not None
     assert len(queue.workers()) == 2  # the third task never started a worker
+
+
+def test_slurm_cancel_skips_a_launch_that_ended_and_cancels_the_live_one(env, tmp_path):
+    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
+    queue.record_launch("slurm", "999999", 2, None, {})  # long gone: SLURM forgot its id
+    # Tasks that wait an hour to start: a live launch, and no training in this test.
+    job_id = submit(env, "--workers", "2", "--sbatch-arg=--begin=now+3600")
+    assert set(array_tasks(env, job_id).values()) == {"PENDING"}
+    proc = run(env, "slurm", "cancel", "--grace", "10")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "SLURM job 999999 had ended already: nothing to cancel",
+        f"SLURM job {job_id} cancelled: 0 running worker(s) signalled to hand their jobs back"]
+    assert not array_tasks(env, job_id)
+    assert {la["job_id"]: la["cancelled_at"] is not None for la in queue.launches("slurm")} == {
+        "999999": False, job_id: True}
+    assert [j["state"] for j in queue.jobs()] == ["pending"] * 2
 
 
 def test_a_plain_scancel_is_honoured_the_job_handed_back(env, tmp_path):

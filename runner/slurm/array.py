@@ -18,16 +18,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from db.engine import _filesystem_type as filesystem_type
+from db.engine import filesystem_type
 from runner.bucket.s3 import is_s3
 
 SIGNALS = ("TERM", "USR1", "HUP")  # each makes a worker hand its job back (runner.worker)
 ROOT = Path(__file__).resolve().parents[2]  # the project: `python -m runner` runs from it
 LOCAL_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs"}
+# What squeue and scancel say of a job id SLURM no longer knows (ended, then purged).
+FORGOTTEN = "Invalid job id specified"
 
 
 class SlurmError(Exception):
     """SLURM cannot do what was asked; the message says why, in one line."""
+
+
+class Refused(Exception):
+    """What was asked cannot be done as given (an option, a launch not of this queue): one
+    line, said before anything is written or submitted."""
 
 
 @dataclass
@@ -35,7 +42,7 @@ class SubmitOptions:
     workers: int
     parallel: int | None = None
     partition: str | None = None
-    time: str | None = None          # SLURM's form, from parse_time
+    time: str | None = None          # as sbatch takes it (time_seconds checks it)
     gpus_per_worker: int = 1
     cpus_per_worker: int | None = None
     mem: str | None = None
@@ -48,33 +55,37 @@ class SubmitOptions:
     worker_args: list[str] = field(default_factory=list)  # e.g. --lease 30
 
 
-def parse_time(value: str) -> str:
-    """MINUTES, HH:MM:SS or D-HH:MM:SS -> the same in SLURM's form; ValueError if neither."""
-    value = value.strip()
-    if re.fullmatch(r"[1-9]\d*", value):
-        return value
-    match = re.fullmatch(r"(?:(\d+)-)?(\d{1,2}):([0-5]\d):([0-5]\d)", value)
-    if not match or not any(int(g) for g in match.groups() if g):
-        raise ValueError(f"--time {value!r}: expected MINUTES, HH:MM:SS or D-HH:MM:SS, "
-                         "more than zero")
-    return value
+TIME_FORMS = "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+_CLOCK = re.compile(r"[0-9]+(?::[0-9]+){0,2}")          # M, M:S, H:M:S
+_DAYS = re.compile(r"([0-9]+)-([0-9]+)(?::([0-9]+))?(?::([0-9]+))?")  # D-H, D-H:M, D-H:M:S
 
 
 def time_seconds(value: str) -> int:
-    """A parse_time value in seconds."""
-    if value.isdigit():
-        return int(value) * 60
-    days, _, clock = value.rpartition("-")
-    h, m, s = (int(x) for x in clock.split(":"))
-    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
+    """A time limit in any form `sbatch --time` takes, in seconds (fields need not be two
+    digits, nor below 60: 1:2:3 and 100:00:00 are SLURM's too); ValueError for anything
+    else or for no time at all (SLURM reads 0 as no limit: leave --time out for that)."""
+    value = value.strip()
+    if match := _DAYS.fullmatch(value):
+        days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    elif _CLOCK.fullmatch(value):
+        fields = tuple(int(f) for f in value.split(":"))
+        days = 0
+        hours, minutes, seconds = {1: (0, *fields, 0), 2: (0, *fields), 3: fields}[len(fields)]
+    else:
+        days = hours = minutes = seconds = 0
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"--time {value!r}: expected {TIME_FORMS}, more than zero")
+    return total
 
 
 def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys.executable,
-                 shown_url: str | None = None) -> str:
+                 shown_url: str | None = None, root: Path = ROOT) -> str:
     """The sbatch script of a job array of `opts.workers` worker tasks.
 
     `shown_url`: the URL to write in the script's comment (masked); `db_url` is what the
     workers use, passed explicitly so nothing depends on the submitting shell's $RUNNER_DB.
+    `root`: the checkout the tasks run `python -m runner` in.
     """
     array = f"0-{opts.workers - 1}" + (f"%{opts.parallel}" if opts.parallel else "")
     lines = [
@@ -104,7 +115,7 @@ def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys
               *opts.worker_args]
     lines += [
         "",
-        f"cd {shlex.quote(str(ROOT))}",
+        f"cd {shlex.quote(str(root))}",
         "# exec: the worker is this batch step's process, so SLURM's signals reach it.",
         "exec " + " ".join(shlex.quote(w) for w in worker),
         "",
@@ -195,48 +206,76 @@ def write_script(text: str, logs: Path) -> Path:
 def tasks(job_ids: list[str]) -> dict[str, list[dict]]:
     """Per launch id, its array tasks as squeue and (where accounting runs) sacct know them:
     [{'task': '123_0', 'state': 'RUNNING', 'time': '1:02', 'reason': 'vm'}, ...]."""
-    found: dict[str, list[dict]] = {j: [] for j in job_ids}
     if not job_ids or not shutil.which("squeue"):
-        return found
+        return {j: [] for j in job_ids}
+    squeue = _run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%F|%T|%M|%R"],
+                  "squeue")
+    sacct = ""
+    if shutil.which("sacct"):  # finished tasks; clusters without accounting answer nothing
+        try:
+            sacct = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o",
+                          "JobID,State,Elapsed,ExitCode"], "sacct")
+        except SlurmError:
+            pass
+    return parse_tasks(job_ids, squeue, sacct)
+
+
+def parse_tasks(job_ids: list[str], squeue: str, sacct: str = "") -> dict[str, list[dict]]:
+    """tasks() from squeue's `%i|%F|%T|%M|%R` lines and sacct's
+    `JobID|State|Elapsed|ExitCode` lines; squeue's word wins for a task both name."""
+    found: dict[str, list[dict]] = {j: [] for j in job_ids}
     seen: set[str] = set()
-    out = _run(["squeue", "-h", "-r", "-j", ",".join(job_ids), "-o", "%i|%F|%T|%M|%R"],
-               "squeue")
-    for line in out.splitlines():
+    for line in squeue.splitlines():
         task, array, state, elapsed, reason = (line.split("|") + [""] * 5)[:5]
         if array in found:
             found[array].append({"task": task, "state": state, "time": elapsed,
                                  "reason": reason})
             seen.add(task)
-    if shutil.which("sacct"):  # finished tasks; clusters without accounting answer nothing
-        try:
-            out = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(job_ids), "-o",
-                        "JobID,State,Elapsed,ExitCode"], "sacct")
-        except SlurmError:
-            out = ""
-        for line in out.splitlines():
-            task, state, elapsed, code = (line.split("|") + [""] * 4)[:4]
-            launch = task.split("_")[0]
-            if launch in found and task not in seen and "[" not in task:
-                found[launch].append({"task": task, "state": state.split()[0],
-                                      "time": elapsed, "reason": f"exit {code}"})
+    for line in sacct.splitlines():
+        task, state, elapsed, code = (line.split("|") + [""] * 4)[:4]
+        launch = task.split("_")[0]
+        if launch in found and task not in seen and "[" not in task:
+            found[launch].append({"task": task, "state": state.split()[0],
+                                  "time": elapsed, "reason": f"exit {code}"})
     return found
+
+
+def live_tasks(job_id: str) -> list[dict]:
+    """The launch's tasks squeue still lists (pending, running, ending), as tasks() gives
+    them; [] once the launch has ended (squeue says nothing, or no longer knows the id)."""
+    try:
+        out = _run(["squeue", "-h", "-r", "-j", job_id, "-o", "%i|%F|%T|%M|%R"], "squeue")
+    except SlurmError as e:
+        if FORGOTTEN in str(e):
+            return []
+        raise
+    return parse_tasks([job_id], out)[job_id]
+
+
+def _scancel(*args: str) -> None:
+    """scancel; a launch that ended meanwhile (SLURM forgot its id) is no error."""
+    try:
+        _run(["scancel", *args], "scancel")
+    except SlurmError as e:
+        if FORGOTTEN not in str(e):
+            raise
 
 
 def cancel(job_id: str, sig: str, grace: float, poll: float = 1.0) -> dict:
     """Stop a launch without losing work: its tasks not yet started are cancelled, the
     running ones get the hand-back signal and `grace` seconds to checkpoint and exit; what is
     still there then is cancelled outright. Returns counts of what happened."""
-    _run(["scancel", "--state=PENDING", job_id], "scancel")
-    running = [t for t in tasks([job_id])[job_id] if t["state"] in ("RUNNING", "COMPLETING")]
+    _scancel("--state=PENDING", job_id)
+    running = [t for t in live_tasks(job_id) if t["state"] in ("RUNNING", "COMPLETING")]
     if running:
-        _run(["scancel", f"--signal={sig}", "--batch", job_id], "scancel")
+        _scancel(f"--signal={sig}", "--batch", job_id)
     deadline = time.monotonic() + grace
     left = running
     while left and time.monotonic() < deadline:
         time.sleep(poll)
-        left = [t for t in tasks([job_id])[job_id] if t["state"] == "RUNNING"]
+        left = [t for t in live_tasks(job_id) if t["state"] == "RUNNING"]
     if left:
-        _run(["scancel", job_id], "scancel")
+        _scancel(job_id)
     return {"signalled": len(running), "killed": len(left)}
 
 

@@ -1,4 +1,5 @@
-"""A worker inside a SLURM task: the ids, GPUs and CPUs SLURM gave it, and requeueing itself.
+"""A worker inside a SLURM task: the ids, GPUs and CPUs SLURM gave it, the signals that make it
+hand its job back, whether its launch was cancelled, and requeueing itself.
 
 SLURM requeues a preempted job by itself, but not one stopped at its time limit: a worker
 that handed its job back on the pre-time-limit signal asks for its own requeue
@@ -9,9 +10,19 @@ and `scontrol requeue` would undo a user's cancel.
 
 from __future__ import annotations
 
+import logging
+import signal
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from db import JobQueue
+
+log = logging.getLogger("runner.slurm")
+
+# Each asks a worker to checkpoint its job, hand it back and exit: clusters differ in what
+# they send before a time limit or a preemption (`slurm submit --signal`).
+HAND_BACK_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -71,3 +82,48 @@ class SlurmTask:
         if proc.returncode == 0:
             return None
         return (proc.stderr or proc.stdout).strip() or f"scontrol exited {proc.returncode}"
+
+
+def log_line(task: SlurmTask | None) -> str:
+    """', SLURM job 123 (array 120_3, restart 1), GPUs 1' for the worker's first log line."""
+    if task is None:
+        return ""
+    return (f", SLURM job {task.job_id} (array {task.array}, restart {task.restarts})"
+            + (f", GPUs {task.gpus}" if task.gpus else ""))
+
+
+def launch_cancelled(queue: JobQueue, task: SlurmTask | None) -> bool:
+    """The task's launch was cancelled (`slurm cancel`) before its worker claimed: a task
+    SLURM starts late (one pending between the cancel's steps, say) claims nothing."""
+    if task and queue.launch_cancelled("slurm", task.launch_id):
+        log.info("SLURM job %s was cancelled (python -m runner slurm cancel): not "
+                 "claiming", task.launch_id)
+        return True
+    return False
+
+
+def requeue_if_work_left(queue: JobQueue, task: SlurmTask | None) -> None:
+    """A worker stopped by a signal under SLURM (a time limit near, a preemption) comes back
+    while work is left. SLURM requeues a preempted task itself, but not one at its time limit;
+    a task `slurm cancel` stopped stays stopped."""
+    if task is None:
+        return
+    if queue.launch_cancelled("slurm", task.launch_id):
+        log.info("SLURM job %s was cancelled: not requeueing task %s", task.launch_id,
+                 task.array)
+        return
+    pending = queue.counts()["pending"]
+    if not pending:
+        log.info("no pending jobs left: not requeueing SLURM task %s", task.array)
+        return
+    state = task.state()
+    if state != "RUNNING":  # cancelled (scancel) or preempted: SLURM decides
+        log.info("SLURM task %s is %s: not requeueing it", task.array,
+                 (state or "unknown").lower())
+        return
+    refused = task.requeue()
+    if refused is None:
+        log.info("%d job(s) pending: SLURM task %s requeued (it claims again when SLURM "
+                 "restarts it)", pending, task.array)
+    else:
+        log.warning("scontrol requeue %s: %s", task.job_id, refused)
