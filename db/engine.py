@@ -42,6 +42,8 @@ QUICK_BUSY_TIMEOUT_MS = 2_000
 PG_TCP_ARGS = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
                "keepalives_count": 3, "tcp_user_timeout": 10_000}
 
+POOL_WAIT_SECONDS = 60
+
 # MIGRATIONS[k]: the SQL statements that take a schema from version k to k+1.
 # To change the schema: edit db/models.py, bump SCHEMA_VERSION, add the step here
 # (plain ALTER TABLE ... ADD COLUMN works on both backends).
@@ -138,13 +140,17 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
+def connect(url: str, create: bool = False, readonly: bool = False,
+            one_connection: bool = False) -> Engine:
     """An engine for `url` with the schema in place.
 
     `create=False` refuses a SQLite file that does not exist yet, so a typo in
     a path gives an error instead of an empty queue. `readonly=True` (status,
     results, ...) creates and migrates nothing: the database must already be a
     queue of this program's schema, and every connection refuses writes.
+    `one_connection=True` (a worker): PostgreSQL gets at most one connection at a time from
+    this engine, whatever its threads (heartbeat, progress, the main loop) ask for: hundreds
+    of workers then hold at most as many connections as there are workers.
     """
     url = normalize_url(url)
     try:
@@ -170,8 +176,12 @@ def connect(url: str, create: bool = False, readonly: bool = False) -> Engine:
         # startup options (PgBouncer refuses them): read-only is asked per transaction.
         args: dict = {"connect_timeout": 5 if readonly else 10, "prepare_threshold": None,
                       **PG_TCP_ARGS}
+        # A thread waits for the one connection at most POOL_WAIT_SECONDS: each use of it is
+        # one short transaction, bounded by the connect and TCP timeouts above.
+        pool = ({"pool_size": 1, "max_overflow": 0, "pool_timeout": POOL_WAIT_SECONDS}
+                if one_connection else {})
         try:
-            engine = create_engine(url, pool_pre_ping=True, connect_args=args)
+            engine = create_engine(url, pool_pre_ping=True, connect_args=args, **pool)
             if readonly:
                 engine = engine.execution_options(postgresql_readonly=True)
         except Exception as e:  # driver missing, bad options

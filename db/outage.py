@@ -52,6 +52,8 @@ def is_transient(error: BaseException) -> bool:
         error = error.orig   # our own wrapping (db.engine.connect): what the driver said
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return True  # the connection broke: the pool is refreshed, a new one may work
+    if isinstance(error, exc.TimeoutError):
+        return True  # the pool's connection stayed busy (a one-connection worker in an outage)
     orig = getattr(error, "orig", None) or error   # the driver's own exception
     module = type(orig).__module__.split(".")[0]
     if module == "psycopg":

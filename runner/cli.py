@@ -31,17 +31,18 @@ class BadInput(click.ClickException):
 
 
 def open_queue(ctx: click.Context, create: bool = False, readonly: bool = False,
-               outage: float = 0) -> JobQueue:
+               outage: float = 0, worker: bool = False) -> JobQueue:
     """The queue; `readonly` for commands that only look (they never create or migrate).
 
     `outage`: seconds to wait for a database that is unreachable (a worker's --db-outage),
     here and in every later operation; the user's commands report an outage at once.
+    `worker`: one database connection at a time (see db.engine.connect).
     """
     from db.outage import OutageExceeded, Outages
 
     def opened(retrying: bool) -> JobQueue:
-        return JobQueue(connect(ctx.obj["db"], create=create, readonly=readonly),
-                        outage_budget=outage)
+        return JobQueue(connect(ctx.obj["db"], create=create, readonly=readonly,
+                                one_connection=worker), outage_budget=outage)
 
     try:
         return Outages(outage, log_outage).run(opened, str)
@@ -239,7 +240,7 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_o
     from runner.slurm.task import SlurmTask
     from runner.worker import BadDevice, Worker
 
-    queue = open_queue(ctx, outage=db_outage)
+    queue = open_queue(ctx, outage=db_outage, worker=True)
     try:
         w = Worker(queue, gpu, lease, order, threads, progress_every,
                    slurm=SlurmTask.from_environ(os.environ), cache_dir=cache_dir)

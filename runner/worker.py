@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -214,6 +215,26 @@ class ProgressWriter:
 STOP_SIGNALS = (signal.SIGINT, *HAND_BACK_SIGNALS)
 
 
+class IdleWait:
+    """How long an idle worker waits between looks for work: `poll` seconds at first, twice
+    as long each time nothing was found, up to half the lease (a lease that expires is
+    still taken over within half a lease) or a minute, and at least `poll`; each wait drawn
+    between half and all of that, so that workers that went idle together drift apart."""
+
+    def __init__(self, poll: float, lease: float):
+        self.first = poll
+        self.most = max(poll, min(60.0, lease / 2))
+        self.current = poll
+
+    def next(self) -> float:
+        wait = self.current * random.uniform(0.5, 1.0)
+        self.current = min(self.most, self.current * 2)
+        return wait
+
+    def reset(self) -> None:
+        self.current = self.first
+
+
 class Worker:
     def __init__(self, queue: JobQueue, gpu: str, lease: float, order: str = "guide",
                  threads: int | None = None, progress_every: float = 30.0,
@@ -283,6 +304,7 @@ class Worker:
             self.queue.worker_seen(self.name, "exited")
             return 0
         waiting_for = None
+        idle = IdleWait(poll, self.lease)
         try:
             self.reclaim_dead()
             while not self.stopping.is_set() and (max_jobs is None or len(self.outcomes)
@@ -301,7 +323,7 @@ class Worker:
                             log.info("the queue is paused: waiting for `python -m runner "
                                      "resume`")
                         self.queue.worker_seen(self.name)
-                        self.stopping.wait(poll)
+                        self.rest(idle)
                         continue
                     held = self.queue.held_elsewhere(self.name)
                     if not wait:
@@ -312,9 +334,10 @@ class Worker:
                         waiting_for = [h["name"] for h in held]
                         log.info("waiting for work%s", held_message(held, waiting=True))
                     self.queue.worker_seen(self.name)
-                    self.stopping.wait(poll)
+                    self.rest(idle)
                     continue
                 waiting_for = None
+                idle.reset()
                 self.outcomes.append(self.run_job(claim))
                 self.queue.worker_seen(self.name)
         finally:
@@ -328,6 +351,13 @@ class Worker:
     def all_failed(self) -> bool:
         """Every job this worker ran failed (it ran at least one)."""
         return bool(self.outcomes) and all(o == "failed" for o in self.outcomes)
+
+    def rest(self, idle: IdleWait) -> None:
+        """Wait before looking for work again, holding no database connection meanwhile:
+        hundreds of idle workers then cost the database neither connections nor more than a
+        few transactions a second."""
+        self.queue.engine.dispose()
+        self.stopping.wait(idle.next())
 
     def reclaim_dead(self) -> list[tuple[str, str]]:
         """Jobs of dead workers on this host go back to pending now, not after their lease."""
