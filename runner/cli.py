@@ -139,7 +139,7 @@ def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run, replace):
     reported with the keys that differ; nothing is planned then, and the
     exit status is 2. Add --replace to apply the change.
     """
-    from runner.folders import move_aside
+    from runner.jobfolders import move_aside
     from runner.planner import (
         DEFAULT_SWEEP,
         SweepError,
@@ -251,8 +251,8 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_o
         w.run(max_jobs=max_jobs, wait=wait)
     except DatabaseError as e:
         raise click.ClickException(str(e)) from None
-    if w.bucket_error is not None:
-        raise click.ClickException(f"{w.bucket_error}; the job was handed back")
+    if w.folder_error is not None:
+        raise click.ClickException(f"{w.folder_error}; the job was handed back")
     if w.all_failed:
         raise click.ClickException(f"every job this worker ran failed ({len(w.outcomes)}); "
                                    "see `python -m runner status`")
@@ -329,7 +329,7 @@ def requeue(ctx, named, failed, names, fresh):
       python -m runner requeue standard_V5_N256_run1
       python -m runner requeue --fresh lowrank_V20_N4096_run3
     """
-    from runner.folders import move_aside
+    from runner.jobfolders import move_aside
     from runner.liveness import HOST, dead_reason
 
     names = (*names, *named)
@@ -527,7 +527,7 @@ def logs(ctx, name, follow):
     NAME is the job's name, or any part of it that matches one job only
     (e.g. standard_V5_N256_run1).
     """
-    from runner.bucket.view import local_folder
+    from runner.jobfolders import local_folder
     from trainer.files import LOG_FILE
 
     queue = open_queue(ctx, readonly=True)
@@ -566,7 +566,7 @@ def follow_log(queue: JobQueue, job: dict, path: Path, poll: float = 0.5) -> Non
     """Like tail -f from the start of the file; returns once the job has ended."""
     if not path.exists():
         click.echo(f"waiting for {job['name']} ({job['state']}) to start: {path}", err=True)
-    from runner.bucket.view import local_folder
+    from runner.jobfolders import local_folder
 
     offset, checked, state = 0, 0.0, job["state"]
     while True:

@@ -9,7 +9,8 @@ folders that `plan --replace` and `requeue --fresh` moved aside.
 
 A job folder in a bucket has no lock and needs none: gc deletes only objects of attempts
 older than the head's owner that the head does not name (runner.bucket.jobfolder.unreferenced),
-which no attempt can name again; its workers delete superseded states themselves.
+which no attempt can name again; its workers delete superseded states themselves. Each kind of
+folder collects its own garbage (runner.jobfolders: collect_garbage) into one Collection.
 
 A running job's folders are never touched. A job's row is read before its folder is
 looked at and read again while holding the folder's lock (the trainer's own, so no
@@ -30,9 +31,8 @@ from pathlib import Path
 import filelock
 
 from db import JobQueue
-from runner.bucket.s3 import is_s3
-from runner.folders import replaced_folders
-from trainer.files import LOCK_FILE, STATE_DIR
+from runner.jobfolders import open_folder
+from trainer.files import LOCK_FILE
 
 SUPERSEDED, INVALID, STRAY, UNFINISHED, REPLACED, UNREFERENCED = (
     "superseded state", "invalid state", "stray manifest", "unfinished write",
@@ -75,11 +75,13 @@ def collect_job(queue: JobQueue, job: dict, found: Collection, dry_run: bool = F
     if job["state"] == "running":
         found.left_alone.append((job["name"], "running"))
         return
-    if is_s3(job["out_dir"]):
-        collect_bucket_job(job, found, dry_run=dry_run, replaced=replaced)
-        return
-    folders = [Path(job["out_dir"])] + (replaced_folders(job["out_dir"]) if replaced else [])
-    for folder in folders:
+    open_folder(job["out_dir"]).collect_garbage(queue, job, found, dry_run, replaced)
+
+
+def collect_local_job(queue: JobQueue, job: dict, found: Collection, dry_run: bool,
+                      replaced: list[Path]) -> None:
+    """A folder on disk: its garbage under its lock, and the `replaced` folders moved aside."""
+    for folder in [Path(job["out_dir"]), *replaced]:
         if not folder.is_dir():
             continue
         try:
@@ -101,30 +103,6 @@ def collect_job(queue: JobQueue, job: dict, found: Collection, dry_run: bool = F
                         found.removed.append(item)
         except OSError as e:  # no lock (e.g. a read-only folder), or a state unreadable now
             found.failed.append((folder, e.strerror or str(e)))
-
-
-def collect_bucket_job(job: dict, found: Collection, dry_run: bool = False,
-                       replaced: bool = False) -> None:
-    """A bucket folder's garbage into `found`: objects no head can name again, and with
-    `replaced` the folders moved aside."""
-    from runner.bucket import s3
-    from runner.bucket.jobfolder import unreferenced
-
-    folder = s3.S3Path.parse(job["out_dir"])
-    try:
-        head, stale = unreferenced(folder)
-        found.kept_states += any(rel.startswith(STATE_DIR + "/") for rel in head.files)
-        garbage = [Garbage(folder.join(rel).url, size, UNREFERENCED)
-                   for rel, size in sorted(stale.items())]
-        if replaced:
-            garbage += [Garbage(aside.url, sum(s3.sizes(aside).values()), REPLACED)
-                        for aside in replaced_folders(job["out_dir"])]
-    except Exception as e:  # botocore's, or a head that is not JSON
-        bucket_failure(found, folder.url, e)
-        return
-    for item in garbage:
-        if dry_run or remove(item, found):
-            found.removed.append(item)
 
 
 def job_state(queue: JobQueue, job_id: int) -> str | None:
@@ -196,9 +174,7 @@ def tree_size(folder: Path) -> int:
 
 
 def remove(item: Garbage, found: Collection) -> bool:
-    """Delete one file, object or replaced folder; a failure goes into `found.failed`."""
-    if is_s3(str(item.path)):
-        return remove_from_bucket(item, found)
+    """Delete one file or replaced folder on disk; a failure goes into `found.failed`."""
     try:
         if item.kind == REPLACED:
             shutil.rmtree(item.path)
@@ -208,28 +184,6 @@ def remove(item: Garbage, found: Collection) -> bool:
     except OSError as e:
         found.failed.append((item.path, e.strerror or str(e)))
         return False
-
-
-def remove_from_bucket(item: Garbage, found: Collection) -> bool:
-    from runner.bucket import s3
-
-    path = s3.S3Path.parse(str(item.path))
-    try:
-        if item.kind == REPLACED:
-            s3.delete_folder(path)
-        else:
-            s3.delete(path.bucket, [path.key])
-        return True
-    except Exception as e:  # botocore's
-        bucket_failure(found, path.url, e)
-        return False
-
-
-def bucket_failure(found: Collection, url: str, error: Exception) -> None:
-    """`url` could not be cleaned: into `found.failed`, with the reason as one line."""
-    from runner.bucket import s3
-
-    found.failed.append((url, s3.describe(error, url).removeprefix(url + ": ")))
 
 
 def human_bytes(n: int) -> str:

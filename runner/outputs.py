@@ -2,7 +2,8 @@
 
 A runs folder, a figure, a report or a TensorBoard folder that cannot be made
 (a file in the way, no permission, a read-only or pseudo file system) is then
-refused in one line, with nothing written, instead of failing half-way.
+refused in one line, with nothing written, instead of failing half-way. So is a URL
+(s3://..., http://...): outputs are written on this machine, never as a folder named `s3:`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from runner.jobfolders import local_output_problem
 
 
 def folder_problem(folder: str | Path) -> str | None:
@@ -49,13 +52,13 @@ class OutputError(Exception):
 
 
 def check_file(out: str | Path, option: str) -> None:
-    problem = file_problem(out)
+    problem = local_output_problem(str(out)) or file_problem(out)
     if problem:
         raise OutputError(f"{option} '{out}': {problem}")
 
 
 def check_folder(folder: str | Path, option: str) -> None:
-    problem = folder_problem(folder)
+    problem = local_output_problem(str(folder)) or folder_problem(folder)
     if problem:
         raise OutputError(f"{option} '{folder}': {problem}")
 

@@ -6,8 +6,7 @@ import itertools
 import re
 from pathlib import Path
 
-from runner.bucket.s3 import BucketError, S3Path, check_writable, is_s3
-from runner.outputs import folder_problem
+from runner.jobfolders import BadAddress, FolderUnavailable, open_folder
 from trainer.config import CONF_DIR, FAMILIES, ConfigError, load_yaml, resolve
 from trainer.seeds import seq_len
 
@@ -119,8 +118,7 @@ def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[st
     check_overrides(overrides, sweep)
     rows = []
     grid = sweep["grid"]
-    root = (S3Path.parse(out_root) if is_s3(out_root)
-            else Path(out_root).expanduser().resolve())
+    root = open_folder(out_root)
     for position, (V, N, family, run) in enumerate(itertools.product(*(grid[a] for a in AXES))):
         coords = {"V": V, "N": N, "model": family, "run": run}
         if any(coords[k] not in values for k, values in only.items()):
@@ -132,8 +130,7 @@ def job_rows(sweep: dict, profile: str, only: dict[str, set], overrides: list[st
         rows.append({
             "name": name, "v": V, "n": N, "model": family, "run": run, "position": position,
             "cost": estimate_cost(config), "config": config,
-            "out_dir": (root.join(names["folder"], name).url if is_s3(out_root)
-                        else str(root / names["folder"] / name)),
+            "out_dir": root.join(names["folder"], name),
             "total_steps": t["train_steps"], "max_attempts": sweep["max_attempts"],
             "profile": profile, "overrides": list(overrides),
         })
@@ -156,15 +153,7 @@ def check_out_root(out_root: str) -> None:
     """Refuse a runs folder that jobs could not write into, before anything is planned."""
     if not out_root or "\0" in out_root:
         raise SweepError("--out-root must be a folder path")
-    if is_s3(out_root):  # job folders in a bucket: reachable, and writable with these keys?
-        try:
-            check_writable(S3Path.parse(out_root))
-        except BucketError as e:
-            raise SweepError(f"--out-root {e}") from None
-        return
-    if ".." in Path(out_root).parts:
-        raise SweepError(f"--out-root '{out_root}': '..' is not allowed")
-    problem = folder_problem(out_root)
-    if problem:
-        raise SweepError(f"--out-root '{out_root}': {problem}"
-                         + ("; give a folder" if "is a file" in problem else ""))
+    try:  # a folder on disk, or in a bucket: reachable, and writable with these keys?
+        open_folder(out_root).check_root()
+    except (BadAddress, FolderUnavailable) as e:
+        raise SweepError(f"--out-root {e}") from None

@@ -16,10 +16,11 @@ within the queue's outage budget, see db/outage.py); every write stays fenced by
 token, so a job taken over meanwhile gets nothing from this worker. Once the budget is
 spent, the job is checkpointed and the worker exits non-zero.
 
-A job whose folder lives in a bucket (s3://...) is trained in a local working copy
-(runner.bucket.sync): fetched on claim, uploaded in the background, and its end (finish,
-failure, hand-back) written to the queue only once the bucket holds its files. A bucket
-unusable past the same budget hands the job back and stops the worker with an error.
+The job's folder (runner.jobfolders) is prepared on claim, and the job's end (finish,
+failure, hand-back) is written to the queue only once the folder holds its files: one in a
+bucket (s3://...) is trained in a local working copy, fetched on claim and uploaded in the
+background. A folder unusable past the same budget hands the job back and stops the worker
+with an error.
 """
 
 from __future__ import annotations
@@ -36,9 +37,7 @@ import traceback
 
 from db import Claim, DatabaseError, JobQueue, LeaseLost
 from db.outage import OutageNotice
-from runner.bucket import s3
-from runner.bucket.jobfolder import Fenced
-from runner.bucket.sync import JobSync
+from runner.jobfolders import FolderFenced, FolderUnavailable, JobFolder, open_folder
 from runner.liveness import HOST, dead_reason, process_token
 from runner.progress import JobDisplay, duration
 from runner.slurm import task as slurm_task
@@ -242,10 +241,10 @@ class Worker:
                  job: Job | None = None):
         self.queue, self.gpu, self.lease, self.order = queue, gpu, lease, order
         self.job = job or StudyJob()  # what a claimed job is run with (trainer.job)
-        # Working copies of job folders that live in a bucket; the bucket's outage budget is
-        # the database's.
-        self.cache_dir = cache_dir or str(s3.cache_root())
-        self.bucket_error: s3.BucketError | None = None  # uploads failed for good: exit 1
+        # Working copies of job folders that live in a bucket (None: the user's cache
+        # folder); the bucket's outage budget is the database's.
+        self.cache_dir = cache_dir
+        self.folder_error: FolderUnavailable | None = None  # a job folder unusable: exit 1
         self.progress_every = progress_every  # seconds between progress log lines (no terminal)
         self.slurm = slurm
         self.device = resolve_device(gpu, self.job)
@@ -368,27 +367,24 @@ class Worker:
         return reclaimed
 
     def run_job(self, claim: Claim) -> str:
+        """Prepare the job's folder -> run the job -> save the folder -> the queue's outcome
+        -> close the folder."""
         self.stop_job.clear()
         if self.stopping.is_set():
             self.stop_job.set()
         log.info("%s: claimed (attempt %d, from step %d)", claim.name, claim.attempt, claim.step)
-        sync = None
-        if s3.is_s3(claim.out_dir):
-            sync = JobSync(claim.out_dir, claim.attempt, self.cache_dir,
-                           self.queue.outages.budget, on_fenced=lambda m: control.fenced(m))
-            try:
-                # The trainer, and the worker's own log lines, use the local working copy.
-                claim = dataclasses.replace(claim, out_dir=str(sync.fetch()))
-            except Fenced as e:
-                log.error("%s: %s; leaving the job to its newer attempt", claim.name, e)
-                return "lost"
-            except s3.BucketError as e:
-                return self._bucket_failed(claim, e, claim.step)
-            except OSError as e:  # the working copy cannot be made (disk full, permissions)
-                return self._bucket_failed(claim, s3.BucketError(
-                    f"cannot make the working copy in {sync.local}: {e.strerror or e}"),
-                    claim.step)
-            sync.start()
+        folder = open_folder(claim.out_dir)
+        try:
+            # The trainer, and the worker's own log lines, use the local path (for a folder in
+            # a bucket: a working copy, uploaded in the background).
+            claim = dataclasses.replace(claim, out_dir=str(folder.prepare(
+                claim.attempt, self.cache_dir, self.queue.outages.budget,
+                on_fenced=lambda m: control.fenced(m))))
+        except FolderFenced as e:
+            log.error("%s: %s; leaving the job to its newer attempt", claim.name, e)
+            return "lost"
+        except FolderUnavailable as e:
+            return self._folder_unavailable(claim, e, claim.step)
         self.current = claim
         last_write = 0.0
         display = JobDisplay(claim.name, claim.total_steps, claim.step, log, self.progress_every)
@@ -424,81 +420,80 @@ class Worker:
                         + "".join(traceback.format_exception(e)))
             finally:
                 display.close()
-        if sync is not None and not control.lost.is_set():
-            # The job's end counts only once the bucket holds its final files (a stop: its
+        if not control.lost.is_set():
+            # The job's end counts only once its folder holds its final files (a stop: its
             # newest state).
-            sync.close()
             try:
-                sync.flush()
-            except Fenced:
+                folder.save()
+            except FolderFenced:
                 pass  # control.lost is set
-            except s3.BucketError as e:
+            except FolderUnavailable as e:
                 if control.unusable is None:
                     step = result.step if result is not None else claim.step
-                    return self._bucket_failed(claim, e, step)
+                    return self._folder_unavailable(claim, e, step)
         outcome = "lost"
         try:
-            if control.unusable is not None:
-                # Checkpointed; the job stays running under this lease, to be reclaimed.
-                raise control.unusable
-            if control.lost.is_set():
-                pass  # fenced out: another worker owns the job now
-            elif result is None and isinstance(error, FolderBusy):
-                self.queue.release(claim, claim.step)
-                outcome = "stopped"
-                self.stopping.wait(self.lease / 4)  # let the other holder finish
-            elif result is None:
-                self.queue.fail(claim, f"{type(error).__name__}: {error}",
-                                "".join(traceback.format_exception(error)))
-                outcome = "failed"
-            elif result.outcome == "completed":
-                self.queue.finish(claim, result.metrics)
-                outcome = "completed"
-                accuracy = result.metrics.get("accuracy")
-                log.info("%s: succeeded%s", claim.name,
-                         "" if accuracy is None else f", test accuracy {accuracy:.4f}")
-                if control.request == "cancel":
-                    job_log(claim, "cancel came too late: the job had finished")
-            elif control.request == "cancel":
-                self.queue.cancelled(claim, result.step)
-                outcome = "cancelled"
-                log.info("%s: cancelled at step %d", claim.name, result.step)
-                job_log(claim, f"job cancelled at step {result.step}")
-            else:
-                self.queue.release(claim, result.step)
-                outcome = "stopped"
-                log.info("%s: back to pending at step %d", claim.name, result.step)
-                job_log(claim, f"job back to pending at step {result.step}")
+            outcome = self._queue_outcome(claim, control, result, error,
+                                          busy=isinstance(error, FolderBusy))
         except LeaseLost as e:
             log.error("%s", e)
             job_log(claim, str(e))
         finally:
             result = error = None
             self.current = None
-            if sync is not None:
-                self._close_sync(sync, control)
+            self._close_folder(folder, control)
             self.job.free_memory(self.device)
         return outcome
 
-    def _close_sync(self, sync: JobSync, control: JobControl) -> None:
-        """The log lines written since the last upload go up too (best effort); then the
-        working copy goes: the bucket holds the job."""
-        sync.close()
-        if not control.lost.is_set():
-            try:
-                sync.flush()
-            except s3.BucketError as e:
-                log.warning("%s: the job log's last lines were not uploaded: %s",
-                            control.claim.name, e)
-                return
-        sync.remove_local()
+    def _queue_outcome(self, claim: Claim, control: JobControl, result, error: Exception | None,
+                       busy: bool) -> str:
+        """Write the attempt's end to the queue (fenced by the lease); the outcome."""
+        if control.unusable is not None:
+            # Checkpointed; the job stays running under this lease, to be reclaimed.
+            raise control.unusable
+        if control.lost.is_set():
+            return "lost"  # fenced out: another worker owns the job now
+        if result is None and busy:
+            self.queue.release(claim, claim.step)
+            self.stopping.wait(self.lease / 4)  # let the other holder finish
+            return "stopped"
+        if result is None:
+            self.queue.fail(claim, f"{type(error).__name__}: {error}",
+                            "".join(traceback.format_exception(error)))
+            return "failed"
+        if result.outcome == "completed":
+            self.queue.finish(claim, result.metrics)
+            accuracy = result.metrics.get("accuracy")
+            log.info("%s: succeeded%s", claim.name,
+                     "" if accuracy is None else f", test accuracy {accuracy:.4f}")
+            if control.request == "cancel":
+                job_log(claim, "cancel came too late: the job had finished")
+            return "completed"
+        if control.request == "cancel":
+            self.queue.cancelled(claim, result.step)
+            log.info("%s: cancelled at step %d", claim.name, result.step)
+            job_log(claim, f"job cancelled at step {result.step}")
+            return "cancelled"
+        self.queue.release(claim, result.step)
+        log.info("%s: back to pending at step %d", claim.name, result.step)
+        job_log(claim, f"job back to pending at step {result.step}")
+        return "stopped"
 
-    def _bucket_failed(self, claim: Claim, error: s3.BucketError, step: int) -> str:
-        """The bucket cannot be used (outage budget spent, permission lost): the job goes
-        back to pending (its newest uploaded state is where it resumes) and the worker stops
-        with an error."""
+    def _close_folder(self, folder: JobFolder, control: JobControl) -> None:
+        """The attempt is over: its last log lines are kept too (best effort), then the
+        working copy of a folder in a bucket goes."""
+        try:
+            folder.close(fenced=control.lost.is_set())
+        except FolderUnavailable as e:
+            log.warning("%s: the job log's last lines were not uploaded: %s",
+                        control.claim.name, e)
+
+    def _folder_unavailable(self, claim: Claim, error: FolderUnavailable, step: int) -> str:
+        """The job's folder cannot be used (a bucket past the outage budget, permission
+        lost): the job goes back to pending (its newest saved state is where it resumes) and
+        the worker stops with an error."""
         log.error("%s: %s; job handed back, worker stopping", claim.name, error)
-        self.bucket_error, self.current = error, None
+        self.folder_error, self.current = error, None
         self.stopping.set()
         with contextlib.suppress(LeaseLost):
             self.queue.release(claim, step)

@@ -246,3 +246,40 @@ def test_the_claims_benchmark_refuses_a_real_queue_and_deletes_nothing(planned):
     assert "holds 30 jobs, 30 events: the benchmark deletes every job and event" in line
     assert line.endswith("or pass --i-know-this-deletes")
     assert digest(planned) == before
+
+
+NOT_A_FOLDER = "not a local folder path or an s3://BUCKET/PREFIX address"
+A_URL = "a URL; give a path on this machine"
+ADDRESS_CASES = [
+    *((f"--out-root {bad}", ["plan", "--profile", "smoke", "--out-root", bad],
+       f"--out-root '{bad}': {NOT_A_FOLDER}")
+      for bad in ("S3://bucket/runs", "s3:/bucket/runs", "s3:bucket/runs", "gs://bucket/runs",
+                  "s3a://bucket/runs", "http://host/runs")),
+    ("--out-root with no bucket", ["plan", "--profile", "smoke", "--out-root", "s3:///runs"],
+     "--out-root 's3:///runs': no bucket named"),
+    ("report --out in a bucket", ["report", "--out", "s3://bucket/report.html"],
+     f"--out 's3://bucket/report.html': {A_URL}"),
+    ("report --out over http", ["report", "--out", "http://host/report.html"],
+     f"--out 'http://host/report.html': {A_URL}"),
+    ("plot --out in a bucket", ["plot", "--out", "s3://bucket/figure.png"],
+     f"--out 's3://bucket/figure.png': {A_URL}"),
+    ("plot --curves-dir in a bucket",
+     ["plot", "--out", "figure.png", "--curves-dir", "gs://bucket/curves"],
+     f"--curves-dir 'gs://bucket/curves': {A_URL}"),
+    ("export into a bucket", ["export", "--tensorboard", "s3://bucket/tb"],
+     f"--tensorboard 's3://bucket/tb': {A_URL}"),
+]
+
+
+@pytest.mark.parametrize("label, args, message", ADDRESS_CASES,
+                         ids=[c[0] for c in ADDRESS_CASES])
+def test_a_url_that_is_no_folder_or_output_is_refused_and_nothing_is_written(tmp_path, label,
+                                                                            args, message):
+    """Neither a local path nor s3://BUCKET/PREFIX (a mistyped scheme), or a URL given for a
+    local output: one line, exit 2, and no folder named `s3:` (or the queue) made."""
+    proc = subprocess.run([PYTHON, "-m", "runner", *args], cwd=tmp_path,
+                          env={**os.environ, "RUNNER_DB": f"sqlite:///{tmp_path / 'q.sqlite'}",
+                               "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert refused_line(proc).startswith(f"error: {message}")
+    assert list(tmp_path.iterdir()) == []

@@ -20,10 +20,11 @@ import torch
 
 from db import JobQueue, connect
 from runner.bucket import s3
+from runner.bucket.folder import collect_bucket_job
 from runner.bucket.jobfolder import Fenced, attempt_key, read_head, unreferenced
 from runner.bucket.sync import JobSync
 from runner.bucket.view import local_folder
-from runner.disk import Collection, collect_bucket_job
+from runner.disk import Collection
 from tests import s3server
 from tests.conftest import PYTHON, ROOT, runner_env
 from tests.extras import need

@@ -15,11 +15,12 @@ import re
 from dataclasses import dataclass, field
 
 from runner.bucket.s3 import Conflict, S3Path, get, put, sizes
+from runner.jobfolders import FolderFenced
 
 HEAD = "head.json"
 
 
-class Fenced(Conflict):
+class Fenced(Conflict, FolderFenced):
     """A newer attempt owns the job folder: this one must not write it."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from runner.jobfolders import FolderUnavailable
+
 SCHEME = "s3://"
 T = TypeVar("T")
 
@@ -32,7 +34,7 @@ def is_s3(path: str | None) -> bool:
     return bool(path) and str(path).startswith(SCHEME)
 
 
-class BucketError(Exception):
+class BucketError(FolderUnavailable):
     """A bucket operation that failed for good; the message is one line."""
 
 

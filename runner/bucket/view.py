@@ -1,8 +1,8 @@
 """Readers' local copy of a job folder that lives in a bucket.
 
-`local_folder(out_dir)` returns a folder to read as any job folder: the path itself for a
-folder on disk, else a small cache holding the bucket folder's current config, metrics,
-evaluation and log (as its head names them; states and snapshots are left in the bucket).
+`local_folder(out_dir)` returns a folder to read as any job folder: a small cache holding the
+bucket folder's current config, metrics, evaluation and log (as its head names them; states
+and snapshots are left in the bucket).
 A file is downloaded again only when the head names another object or the object changed.
 """
 
@@ -28,8 +28,6 @@ _lock = threading.Lock()
 
 def local_folder(out_dir: str) -> Path:
     """A local folder holding `out_dir`'s readable files (BucketError if unreachable)."""
-    if not s3.is_s3(out_dir):
-        return Path(out_dir)
     job = s3.S3Path.parse(out_dir)
     local = s3.cache_root() / "view" / job.bucket / job.key
     with _lock:

@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runner.bucket.view import local_folder
+from runner.jobfolders import local_folder
 from trainer.files import read_metrics
 
 STATE_FILE = ".runner-export.json"

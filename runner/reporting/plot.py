@@ -9,7 +9,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from runner.bucket.view import local_folder
+from runner.jobfolders import local_folder
 from runner.reporting.groups import group_of, label
 from runner.reporting.results import MODEL_LABELS, Results, run_lines
 from trainer.atomic import write_atomic

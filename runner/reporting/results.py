@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from runner.bucket.view import local_folder
+from runner.jobfolders import local_folder
 from runner.reporting.groups import differing_keys, flatten, group_of, label, order_key, split_keys
 from trainer.files import EVAL_FILE, read_eval
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from runner.bucket.view import local_folder
+from runner.jobfolders import local_folder
 from runner.reporting.results import Results, to_json
 from runner.reporting.results import what_was_run as results_what_was_run
 from runner.status import snapshot, stale_reason, status_json

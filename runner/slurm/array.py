@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from db.engine import filesystem_type
-from runner.bucket.s3 import is_s3
+from runner.jobfolders import open_folder
 
 SIGNALS = ("TERM", "USR1", "HUP")  # each makes a worker hand its job back (runner.worker)
 ROOT = Path(__file__).resolve().parents[2]  # the project: `python -m runner` runs from it
@@ -167,7 +167,7 @@ def check_multi_node(db_url: str, folders: list[str], nodes: int) -> None:
                          "(one host only): use PostgreSQL (--db postgresql+psycopg://...; "
                          "README, 'Several machines')")
     for folder in folders:
-        if is_s3(folder):  # a bucket: every node reaches it
+        if open_folder(folder).on_every_host:  # a bucket: every node reaches it
             continue
         kind = filesystem_type(Path(folder))
         if kind in LOCAL_FILESYSTEMS or folder.startswith(("/tmp/", "/dev/shm/")):

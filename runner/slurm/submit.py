@@ -15,7 +15,7 @@ from pathlib import Path
 
 from db import JobQueue, mask_url
 from db.engine import normalize_url
-from runner.bucket.s3 import is_s3
+from runner.jobfolders import open_folder
 from runner.slurm import array
 from runner.slurm.array import Refused, SubmitOptions
 
@@ -77,7 +77,7 @@ def prepare(queue: JobQueue, url: str, opts: SubmitOptions, logs: str | None, dr
         raise Refused("nothing pending or running in the queue: no workers to submit "
                       "(python -m runner status)")
     first = pending[0]["out_dir"]  # beside the job folders; job folders in a bucket: runs/
-    folder = Path(logs or (Path("runs/logs") if is_s3(first)
+    folder = Path(logs or (Path("runs/logs") if open_folder(first).on_every_host
                            else Path(first).parents[1] / "logs")).resolve()
     try:
         nodes = array.partition_nodes(opts.partition) if shutil.which("sinfo") else 1

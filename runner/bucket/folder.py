@@ -1,0 +1,133 @@
+"""A job folder in a bucket (s3://BUCKET/PREFIX/...) as runner.jobfolders sees it.
+
+An attempt trains in a local working copy (sync.JobSync): fetched on claim, uploaded in the
+background, saved (every upload done) before the job's end is written to the queue, and
+removed once the attempt is over. Readers get a small local copy (view). Moving a folder
+aside copies its objects under the new name and deletes the originals, head first, since S3
+has no rename; gc deletes only objects no head can name again (jobfolder.unreferenced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from runner.bucket import s3
+from runner.bucket.jobfolder import HEAD, unreferenced
+from runner.bucket.sync import JobSync
+from runner.bucket.view import local_folder
+from runner.jobfolders import JobFolder, aside_names, is_replaced
+from trainer.files import STATE_DIR
+
+
+class BucketFolder(JobFolder):
+    on_every_host = True
+
+    def __init__(self, address: str):
+        self.folder = s3.S3Path.parse(address)  # BucketError: no bucket, '.' or '..'
+        self.address = address
+        self.sync: JobSync | None = None  # the attempt's working copy, once prepared
+
+    # --- a worker's attempt ------------------------------------------------------------------
+
+    def prepare(self, attempt: int, cache_dir: str | None, budget: float,
+                on_fenced: Callable[[str], None]) -> Path:
+        self.sync = JobSync(self.address, attempt, cache_dir or str(s3.cache_root()), budget,
+                            on_fenced=on_fenced)
+        try:
+            local = self.sync.fetch()
+        except OSError as e:  # the working copy cannot be made (disk full, permissions)
+            raise s3.BucketError(f"cannot make the working copy in {self.sync.local}: "
+                                 f"{e.strerror or e}") from None
+        self.sync.start()
+        return local
+
+    def save(self) -> None:
+        self.sync.close()
+        self.sync.flush()
+
+    def close(self, fenced: bool) -> None:
+        """The log lines written since the last upload go up too (best effort); then the
+        working copy goes: the bucket holds the job."""
+        self.sync.close()
+        if not fenced:
+            self.sync.flush()  # BucketError: the working copy stays
+        self.sync.remove_local()
+
+    # --- the planner, operators and readers --------------------------------------------------
+
+    def join(self, *parts: str) -> str:
+        return self.folder.join(*parts).url
+
+    def check_root(self) -> None:
+        s3.check_writable(self.folder)
+
+    def move_aside(self) -> str | None:
+        folder = self.folder
+        try:
+            if not s3.exists(folder):
+                return None
+            for name in aside_names(folder.name):
+                target = folder.with_name(name)
+                if not s3.exists(target):
+                    break
+            s3.move_folder(folder, target, delete_first=HEAD)
+        except Exception as e:  # botocore's: an OSError for the callers, as a folder's would be
+            raise OSError(s3.describe(e, folder.url)) from None
+        return target.url
+
+    def replaced(self) -> list[str]:
+        folder = self.folder
+        return [p.url for p in sorted((p for p in s3.subfolders(folder.with_name(""))
+                                       if is_replaced(folder.name, p.name)),
+                                      key=lambda p: p.key)]
+
+    def collect_garbage(self, queue, job: dict, found, dry_run: bool, replaced: bool) -> None:
+        """Objects no head can name again, and with `replaced` the folders moved aside. No lock
+        is needed: a head's owner names only its own keys or keys already named."""
+        from runner.disk import REPLACED, UNREFERENCED, Garbage
+
+        folder = self.folder
+        try:
+            head, stale = unreferenced(folder)
+            found.kept_states += any(rel.startswith(STATE_DIR + "/") for rel in head.files)
+            garbage = [Garbage(folder.join(rel).url, size, UNREFERENCED)
+                       for rel, size in sorted(stale.items())]
+            if replaced:
+                garbage += [Garbage(aside, sum(s3.sizes(s3.S3Path.parse(aside)).values()),
+                                    REPLACED) for aside in self.replaced()]
+        except Exception as e:  # botocore's, or a head that is not JSON
+            failure(found, folder.url, e)
+            return
+        for item in garbage:
+            if dry_run or remove(item, found):
+                found.removed.append(item)
+
+    def local_view(self) -> Path:
+        return local_folder(self.address)
+
+
+def collect_bucket_job(job: dict, found, dry_run: bool = False, replaced: bool = False) -> None:
+    """gc of one job whose folder is in a bucket (its row as read earlier)."""
+    BucketFolder(job["out_dir"]).collect_garbage(None, job, found, dry_run, replaced)
+
+
+def remove(item, found) -> bool:
+    """Delete one object or replaced folder; a failure goes into `found.failed`."""
+    from runner.disk import REPLACED
+
+    path = s3.S3Path.parse(str(item.path))
+    try:
+        if item.kind == REPLACED:
+            s3.delete_folder(path)
+        else:
+            s3.delete(path.bucket, [path.key])
+        return True
+    except Exception as e:  # botocore's
+        failure(found, path.url, e)
+        return False
+
+
+def failure(found, url: str, error: Exception) -> None:
+    """`url` could not be cleaned: into `found.failed`, with the reason as one line."""
+    found.failed.append((url, s3.describe(error, url).removeprefix(url + ": ")))
