@@ -231,7 +231,7 @@ MUTANTS = [
            "    if not gpu.isdigit():\n", "    if False:\n",
            ("tests/test_bad_input.py", "-k", "gpu and sqlite")),
     Mutant("a busy folder hands the job back, not failed", "runner/worker.py",
-           "elif result is None and isinstance(error, FolderBusy):", "elif False:",
+           "        if result is None and busy:\n", "        if False:\n",
            (WORKER_INPROCESS, "-k", "busy_folder and sqlite")),
     Mutant("a stopped job goes back at the step it reached", "runner/worker.py",
            "self.queue.release(claim, result.step)", "self.queue.release(claim, claim.step)",
