@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from db import JobQueue, connect
-from tests.conftest import PYTHON, ROOT, cli, digest, refused_line
-
-GOOD_SWEEP = (ROOT / "conf" / "sweep.yaml").read_text()
+from tests.support.commands import PYTHON, ROOT, cli, refused_line
+from tests.support.queues import GOOD_SWEEP, digest
 
 
 def sweep_file(tmp_path, text):

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.commands import ROOT
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, resolve
 from trainer.train import FolderBusy, FolderMoved, run
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def smoke(family="lowrank_gpt2", V=5, steps=23, **more):
