@@ -61,6 +61,7 @@ def add_leftovers(folder: Path) -> dict[Path, str]:
     return leftovers
 
 
+@pytest.mark.slow  # trains in real worker or trainer processes
 def test_gc_frees_old_and_invalid_states_and_leftovers_and_the_job_still_resumes(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
     queue = plan_cell(db_url, tmp_path)

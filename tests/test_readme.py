@@ -64,6 +64,7 @@ def test_readme_make_targets_exist():
 TRAINER_EXAMPLES = re.findall(r"^    python -m trainer (.+)$", README, re.M)
 
 
+@pytest.mark.slow  # trains in real worker or trainer processes
 def test_readme_hand_run_trainer_examples_run_as_written(tmp_path):
     """Both examples, in order, from one folder: the second reruns a queued job's config."""
     assert len(TRAINER_EXAMPLES) == 2 and "<name>" in TRAINER_EXAMPLES[1]
