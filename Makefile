@@ -20,7 +20,7 @@ RUNNER  := $(PY) -m runner $(if $(DB),--db '$(DB)')
 
 .DEFAULT_GOAL := help
 .PHONY: help install plan worker workers slurm status requeue cancel pause resume results plot \
-        report serve test lint demo clean-demo study-cpu
+        report serve test test-fast lint demo clean-demo study-cpu
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -94,6 +94,14 @@ lint: $(STAMP) ## ruff
 test: $(STAMP) ## lint and the test suite (what CI runs)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q; s=$$?; \
+	  if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$s
+
+# Markers: slow and chaos are set by hand, server by tests/conftest.py (pyproject.toml lists them).
+FAST := not server and not slow and not chaos
+
+test-fast: $(STAMP) ## lint and the tests that need no server and are not slow (a few minutes)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m '$(FAST)'; s=$$?; \
 	  if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$s
 
 DEMO_DB := sqlite:///runs/demo/queue.sqlite

@@ -30,7 +30,7 @@ Run from the repository root:
    restarted while there is work, until every job succeeded.
    Each fault records what the victim was doing, from its log, its job's row and folder.
 4. Checks: every job succeeded; no job ever had two live leases and no lease wrote after
-   losing its job (tests.audit, over the events table); each job finished once, by the
+   losing its job (testing.audit, over the events table); each job finished once, by the
    lease of its last claim; every job's final state (model, optimiser, batch RNG), kept
    snapshots, metrics.jsonl, eval.json and config.yaml equal the reference bit for bit; no
    worker exited with an error status (an outage must not kill one).
@@ -39,42 +39,35 @@ Prints the figures; exit status 1 when a check fails or fewer faults than --faul
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import multiprocessing as mp
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
 import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# As a script, sys.path[0] is bench/, where bench/trainer.py would shadow the `trainer`
-# package: swap in the repository root before other imports.
-HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
-    sys.path[0] = str(HERE.parent)
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import sqlite3  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections import Counter  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from db import JobQueue, connect, mask_url
+from db.engine import BUSY_TIMEOUT_ENV
+from testing import pgserver
+from testing.audit import finishes_per_job, lease_violations
 
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-
-from db import JobQueue, connect, mask_url  # noqa: E402
-from db.engine import BUSY_TIMEOUT_ENV  # noqa: E402
-from tests import pgserver  # noqa: E402
-from tests.audit import finishes_per_job, lease_violations  # noqa: E402
-
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 SWEEP = ROOT / "conf" / "sweep.yaml"
 # A job whose worker dies `max_attempts` times stays failed (the sweep's default is 3). Here
@@ -722,7 +715,7 @@ def main() -> None:
     p.add_argument("--db", help="a PostgreSQL server URL: a new database is created on it "
                                 "(default: a new SQLite file in --work)")
     p.add_argument("--pg", action="store_true",
-                   help="start a throwaway PostgreSQL server for the run (tests/pgserver.py; "
+                   help="start a throwaway PostgreSQL server for the run (testing/pgserver.py; "
                         "needs the server binaries), e.g. to restart it with --db-outages")
     p.add_argument("--work", type=Path, help="folder for the queue, runs, logs (default: temp)")
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",

@@ -15,7 +15,7 @@ deleted again at the end, so the same database can be used for the next run.
    --db, every `events` and `jobs` row is deleted first) gets --jobs synthetic jobs (the
    smoke sweep's rows repeated under unique names). P processes (spawn; each builds its own
    engine) loop claim -> finish({"accuracy": 0.0}) until claim returns None. Printed: jobs
-   done, jobs finished more than once, lease violations (tests.audit), jobs/s over the wall
+   done, jobs finished more than once, lease violations (testing.audit), jobs/s over the wall
    time, p50/p99 of claim and of finish in ms (the final empty claim is not counted).
 2. Makespan: the real 60-job sweep (conf/sweep.yaml, profile full) on 4 processes; each job
    sleeps in proportion to its estimated cost, scaled so all sleeps add up to
@@ -27,35 +27,28 @@ It prints figures only; it checks nothing.
 
 from __future__ import annotations
 
+import argparse
+import heapq
+import multiprocessing as mp
+import os
+import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# As a script, sys.path[0] is bench/: put the repository root there instead, so that the
-# project's packages import (bench/trainer.py would shadow the `trainer` package).
-HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
-    sys.path[0] = str(HERE.parent)
+import sqlalchemy
+from sqlalchemy import create_engine, delete, func, inspect, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
-import argparse  # noqa: E402
-import heapq  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+from db.engine import connect, filesystem_type, mask_url, normalize_url
+from db.models import Base, Event, Job
+from db.queue import JobQueue
+from runner.planner import job_rows, load_sweep
+from testing.audit import finishes_per_job, lease_violations
 
-import sqlalchemy  # noqa: E402
-from sqlalchemy import create_engine, delete, func, inspect, select, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-from sqlalchemy.pool import NullPool  # noqa: E402
-
-from db.engine import connect, filesystem_type, mask_url, normalize_url  # noqa: E402
-from db.models import Base, Event, Job  # noqa: E402
-from db.queue import JobQueue  # noqa: E402
-from runner.planner import job_rows, load_sweep  # noqa: E402
-from tests.audit import finishes_per_job, lease_violations  # noqa: E402
-
-SWEEP = HERE.parent / "conf" / "sweep.yaml"
+SWEEP = Path(__file__).resolve().parent.parent / "conf" / "sweep.yaml"
 LEASE_SECONDS = 300.0   # far longer than any round: no lease may expire
 WORKERS = 4             # makespan part
 

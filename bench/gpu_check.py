@@ -5,6 +5,8 @@ Run from the repository root, on a machine with a GPU (at most ~8 minutes on one
     bash bench/gpu_check.sh                 # full profile on cuda:0
     bash bench/gpu_check.sh --device cpu    # dry run: smoke profile, tiny counts, CPU
 
+(the script runs it as a module, `python -m bench.gpu_check`: it imports bench.step_costs).
+
 It prints one table (markdown):
   * torch and CUDA versions, the device's name;
   * full-profile seconds per training step (data + forward + backward + Adam, synchronised)
@@ -40,18 +42,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from bench.trainer import Job, device_name, time_job_extras  # noqa: E402
-from trainer import checkpoint as ckpt  # noqa: E402
-from trainer.config import load_config, resolve  # noqa: E402
-from trainer.data import embed  # noqa: E402
-from trainer.files import read_metrics  # noqa: E402
-from trainer.train import (  # noqa: E402
+from bench.step_costs import Job, device_name, time_job_extras
+from trainer import checkpoint as ckpt
+from trainer.config import load_config, resolve
+from trainer.data import embed
+from trainer.files import read_metrics
+from trainer.train import (
     EVAL_BATCH,
     autocast,
     float32_matmuls,
@@ -59,6 +57,7 @@ from trainer.train import (  # noqa: E402
     job_tokens,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("gpt2", "lowrank_gpt2")
 VS = (5, 20)
 CONFIGS = [(f, v) for f in FAMILIES for v in VS]

@@ -5,55 +5,52 @@ named by $RUNNER_TEST_PG_URL (CI starts it), else a throwaway cluster started
 here; each test gets its own new database on it. Where no server can be had,
 PostgreSQL tests are skipped with the reason, except under CI=true, where
 they fail.
+
+Tests that need a real server or a machine facility (PostgreSQL, SeaweedFS, SLURM, chromium,
+a network namespace, a tmpfs mount) are marked `server` here, from the fixtures they use,
+so that `make test-fast` (-m "not server and not slow and not chaos") leaves them out
+without anyone marking them by hand.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import uuid
-from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
 
 from db import JobQueue, connect
-from db.models import Base
-from tests import pgbouncer, pgserver, s3server
+from testing import pgbouncer, pgserver, s3server
+from tests.support.commands import cli
+from tests.support.queues import BACKENDS, new_pg_database
+from tests.support.skips import throwaway_server
 
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-BACKENDS = ["sqlite", "postgresql"]
+# Fixtures that start a server or need a facility of the machine (root: mount, ip netns).
+SERVER_FIXTURES = {"pg_server_url", "pgbouncer_url", "pg_cluster", "s3_server", "slurm_conf",
+                   "netns", "lan_namespace", "small_disk", "archived"}
 
 
-@contextlib.contextmanager
-def throwaway_server(what: str, prefix: str, start, stop, hint: str = ""):
-    """A server started for the session in a temp folder of its own: yields (folder, what
-    start(folder) returned), then stops it and removes the folder. Skipped with the reason
-    when it cannot start, except under CI=true: failed."""
-    # Not under pytest's own temp root: that is private to this user, and a server may run as
-    # another (postgres, when tests run as root).
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        started = start(folder)
-    except Exception as e:
-        stop(folder)  # whatever part of it did start
-        shutil.rmtree(folder, ignore_errors=True)
-        reason = f"no {what} could be started: {e}{hint}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        yield folder, started
-    finally:
-        stop(folder)
-        shutil.rmtree(folder, ignore_errors=True)
+def needs_a_server(item: pytest.Item) -> bool:
+    """Uses a server fixture, runs on the PostgreSQL backend (a fixture parametrized by
+    BACKENDS asks for the server only then), or drives chromium."""
+    if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if any(isinstance(v, str) and v == "postgresql" for v in params.values()):
+        return True
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    return code is not None and calls(code, "chrome")
+
+
+def calls(code, name: str) -> bool:
+    """`code`, or a function or lambda inside it, names `name`."""
+    return name in code.co_names or any(
+        calls(c, name) for c in code.co_consts if hasattr(c, "co_names"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_a_server(item):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")
@@ -104,16 +101,6 @@ def s3_server():
         s3.forget_client()
 
 
-def new_pg_database(server_url: str) -> str:
-    """A new, empty database on the server; its URL."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-
 @pytest.fixture(params=BACKENDS)
 def db_url(request, tmp_path) -> str:
     """A fresh, empty queue database URL for each test."""
@@ -127,34 +114,6 @@ def queue(db_url) -> JobQueue:
     q = JobQueue(connect(db_url, create=True))
     yield q
     q.engine.dispose()
-
-
-def runner_env(db_url: str) -> dict:
-    return {**os.environ, "RUNNER_DB": db_url, "PYTHONUNBUFFERED": "1"}
-
-
-def cli(db_url: str, *args: str) -> subprocess.CompletedProcess:
-    """`python -m runner ARGS` against `db_url`, output captured."""
-    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT, env=runner_env(db_url),
-                          capture_output=True, text=True, timeout=120)
-
-
-def refused_line(proc: subprocess.CompletedProcess) -> str:
-    """The one stderr line of a command refused as bad input (exit status 2)."""
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
-def digest(url: str) -> str:
-    """Every row of every table, to prove nothing was written."""
-    engine = create_engine(url)
-    with engine.connect() as conn:
-        dump = [list(map(tuple, conn.execute(select(table).order_by(*table.primary_key))))
-                for table in Base.metadata.sorted_tables]
-    engine.dispose()
-    return hashlib.sha256(repr(dump).encode()).hexdigest()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PYTHON, ROOT, cli, digest, refused_line
-from tests.test_cli import GOOD_SWEEP
+from tests.support.commands import PYTHON, ROOT, cli, refused_line
+from tests.support.queues import GOOD_SWEEP, digest
 from trainer.config import resolve
 
 

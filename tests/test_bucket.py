@@ -1,5 +1,5 @@
 """Job folders in S3-compatible object storage, against a real server (SeaweedFS, started once
-per session: tests/s3server.py): planning and its refusals, a sweep slice resumed by another
+per session: testing/s3server.py): planning and its refusals, a sweep slice resumed by another
 host, SIGKILL during an upload, a fenced-out worker's late uploads, a server outage, readers
 with no local files, and moving a bucket folder aside."""
 
@@ -18,22 +18,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from db import JobQueue, connect
+from db import JobQueue
 from runner.bucket import s3
 from runner.bucket.folder import collect_bucket_job
 from runner.bucket.jobfolder import Fenced, attempt_key, read_head, unreferenced
 from runner.bucket.sync import JobSync
 from runner.bucket.view import local_folder
 from runner.disk import Collection
-from tests import s3server
-from tests.conftest import PYTHON, ROOT, runner_env
-from tests.extras import need
-from tests.test_dashboard import start_server, stop_server
-from tests.test_export import TB, points
-from tests.test_worker import wait_for
+from testing import s3server
+from testing.ports import free_port
+from tests.support.commands import PYTHON, ROOT, cli, plan, runner_env, start_worker
+from tests.support.serve import start_server, stop_server
+from tests.support.skips import need
+from tests.support.tensorboard import TB, points
+from tests.support.training import train_1thread
+from tests.support.waiting import wait_for
 from trainer import checkpoint as ckpt
 from trainer.files import LOCK_FILE
-from trainer.train import run as train
 
 pytestmark = pytest.mark.slow
 
@@ -44,29 +45,15 @@ def root(s3_server) -> str:
     return f"s3://{s3server.BUCKET}/{uuid.uuid4().hex[:10]}"
 
 
-def runner(db_url, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT,
-                          env={**runner_env(db_url), **(env or {})},
-                          capture_output=True, text=True, timeout=600)
-
-
-def start_worker(db_url, cache: Path, *args) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--threads", "1",
-                             "--cache-dir", str(cache), *args], cwd=ROOT, env=runner_env(db_url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def finish(worker: subprocess.Popen, timeout: float = 600) -> str:
     _, err = worker.communicate(timeout=timeout)
     assert worker.returncode == 0, err[-3000:]
     return err
 
 
-def plan(db_url, root, *args) -> JobQueue:
-    proc = runner(db_url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
-                  "--only", "run=1", "--out-root", root, *args)
-    assert proc.returncode == 0, proc.stderr
-    return JobQueue(connect(db_url))
+def plan_slice(db_url, root, *args) -> JobQueue:
+    """Two jobs (V=5, N=256, run 1: both models) under `root`."""
+    return plan(db_url, root, "--only", "V=5", "--only", "N=256", "--only", "run=1", *args)
 
 
 def download(out_dir: str, into: Path) -> Path:
@@ -84,12 +71,7 @@ def same_as_uninterrupted(job: dict, tmp_path: Path) -> None:
     of the job's config, bit for bit."""
     got = download(job["out_dir"], tmp_path / f"{job['name']}.bucket")
     clean = tmp_path / f"{job['name']}.clean"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers ran
-    try:
-        train(job["config"], clean)
-    finally:
-        torch.set_num_threads(threads)
+    train_1thread(job["config"], clean)
     a = torch.load(ckpt.list_states(got)[0], weights_only=True)
     b = torch.load(ckpt.list_states(clean)[0], weights_only=True)
     assert a["step"] == b["step"] == job["total_steps"]
@@ -103,7 +85,7 @@ def same_as_uninterrupted(job: dict, tmp_path: Path) -> None:
 
 def test_plan_writes_bucket_addresses_and_stores_no_secret(tmp_path, root):
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
-    queue = plan(url, root)
+    queue = plan_slice(url, root)
     jobs = queue.jobs()
     assert sorted(j["out_dir"] for j in jobs) == [
         f"{root}/table_connectivity/table_connectivity_standard_V5_N256_run1",
@@ -112,14 +94,6 @@ def test_plan_writes_bucket_addresses_and_stores_no_secret(tmp_path, root):
                           capture_output=True, text=True).stdout
     assert dump and s3server.WRITER[1] not in dump and s3server.WRITER[0] not in dump
     assert not list(s3.listing(s3.S3Path.parse(root)))  # the write probe left nothing
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("case", ["unreachable", "no bucket", "bad secret", "read only"])
@@ -135,7 +109,7 @@ def test_plan_refuses_a_bucket_it_could_not_write_in_one_line(tmp_path, s3_serve
     else:
         env.update(s3server.env(endpoint, s3server.READER))
     db = tmp_path / "q.sqlite"
-    proc = runner(f"sqlite:///{db}", "plan", "--profile", "smoke", "--out-root", root, env=env)
+    proc = cli(f"sqlite:///{db}", "plan", "--profile", "smoke", "--out-root", root, env=env)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     expected = {"unreachable": "Could not connect to the endpoint URL",
@@ -153,10 +127,10 @@ def test_plan_refuses_a_bucket_it_could_not_write_in_one_line(tmp_path, s3_serve
 def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_files(
         tmp_path, root, monkeypatch):
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
-    queue = plan(url, root, "--set", "training.train_steps=300",
-                 "--set", "training.save_every_steps=20")
+    queue = plan_slice(url, root, "--set", "training.train_steps=300",
+                       "--set", "training.save_every_steps=20")
     first_host, second_host = tmp_path / "host-a", tmp_path / "host-b"
-    worker = start_worker(url, first_host)
+    worker = start_worker(url, "--cache-dir", str(first_host))
     wait_for(lambda: max(j["step"] for j in queue.jobs()) >= 60, what="progress")
     worker.send_signal(signal.SIGTERM)
     finish(worker, 60)
@@ -167,7 +141,7 @@ def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_f
     assert head.attempt == 1 and head.files[newest] == attempt_key(1, newest)
     assert not list(first_host.rglob("*.pt"))  # the working copy went once the bucket had it
 
-    finish(start_worker(url, second_host))  # another host: an empty cache
+    finish(start_worker(url, "--cache-dir", str(second_host)))  # another host: an empty cache
     jobs = queue.jobs()
     assert [j["state"] for j in jobs] == ["succeeded", "succeeded"]
     resumed = next(j for j in jobs if j["name"] == stopped["name"])
@@ -178,18 +152,18 @@ def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_f
 
     # Readers on a machine with the queue and the keys, but none of the files.
     elsewhere = {"RUNNER_CACHE_DIR": str(tmp_path / "reader-cache")}
-    results = runner(url, "results", "--json", env=elsewhere)
+    results = cli(url, "results", "--json", env=elsewhere)
     assert results.returncode == 0, results.stderr
     table = json.loads(results.stdout)
     by_model = {row["model"]: row for row in table["rows"]}
     for job in jobs:
         assert by_model[job["model"]]["accuracy"]["mean"] == job["test_accuracy"]
     assert table["notes"] == []  # every eval.json found, and agreeing with the queue
-    log = runner(url, "logs", resumed["name"], env=elsewhere)
+    log = cli(url, "logs", resumed["name"], env=elsewhere)
     assert log.returncode == 0, log.stderr
     assert "=== attempt 1 by worker" in log.stdout and "=== attempt 2 by worker" in log.stdout
     assert f"resuming at step {stopped['step']}/300" in log.stdout
-    report = runner(url, "report", "--out", str(tmp_path / "report.html"), env=elsewhere)
+    report = cli(url, "report", "--out", str(tmp_path / "report.html"), env=elsewhere)
     assert report.returncode == 0, report.stderr
     page = (tmp_path / "report.html").read_text()
     assert f"{resumed['test_accuracy'] * 100:.1f}" in page
@@ -205,7 +179,7 @@ def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_f
     # The bucket unreachable: one line, exit 2, and the dashboard's API answers 503 with it.
     nowhere = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
                "RUNNER_CACHE_DIR": str(tmp_path / "cut-off-cache")}
-    cut_off = runner(url, "results", env=nowhere)
+    cut_off = cli(url, "results", env=nowhere)
     [line] = cut_off.stderr.strip().splitlines()
     assert cut_off.returncode == 2 and line.startswith(f"error: {root}/"), cut_off.stderr
     assert "Could not connect to the endpoint URL" in line
@@ -223,12 +197,12 @@ def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_f
     assert "Could not connect to the endpoint URL" in body["error"], body
     assert status == 200  # the queue itself is read as ever
     monkeypatch.undo()
-    figure = runner(url, "plot", "--out", str(tmp_path / "fig.png"), env=elsewhere)
+    figure = cli(url, "plot", "--out", str(tmp_path / "fig.png"), env=elsewhere)
     assert figure.returncode == 0, figure.stderr
     assert (tmp_path / "curves" / "curves_V5_N256.png").read_bytes()[:4] == b"\x89PNG"
     # 300 steps x (loss, train accuracy) + 31 evaluations x 5 test metrics, per job
     need("tensorboardX", TB)
-    export = runner(url, "export", "--tensorboard", str(tmp_path / "tb"), env=elsewhere)
+    export = cli(url, "export", "--tensorboard", str(tmp_path / "tb"), env=elsewhere)
     assert export.returncode == 0, export.stderr
     assert "exported 1510 new point(s) from 2 job(s)" in export.stdout
     assert points(tmp_path / "tb" / resumed["name"])["train/loss"] == list(range(300))
@@ -238,9 +212,9 @@ def test_a_worker_killed_during_an_upload_leaves_nothing_a_resume_trusts(tmp_pat
                                                                           s3_server):
     folder, _ = s3_server
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
-    queue = plan(url, root, "--only", "model=gpt2", "--set", "training.train_steps=1200",
-                 "--set", "training.save_every_steps=10")
-    victim = start_worker(url, tmp_path / "host-a")
+    queue = plan_slice(url, root, "--only", "model=gpt2", "--set", "training.train_steps=1200",
+                       "--set", "training.save_every_steps=10")
+    victim = start_worker(url, "--cache-dir", str(tmp_path / "host-a"))
     wait_for(lambda: uploaded_states(queue.jobs()[0]), what="a state in the bucket")
     pid = int((folder / "weed.pid").read_text())
     os.killpg(pid, signal.SIGSTOP)  # the server hangs: the next upload stays in flight
@@ -255,7 +229,8 @@ def test_a_worker_killed_during_an_upload_leaves_nothing_a_resume_trusts(tmp_pat
     (job,) = queue.jobs()
     uploaded = max(uploaded_states(job))
     assert uploaded < job["step"]  # the bucket is behind what was trained locally
-    heir = start_worker(url, tmp_path / "host-b")  # same host: the dead worker is seen at once
+    # Same host: the dead worker is seen at once.
+    heir = start_worker(url, "--cache-dir", str(tmp_path / "host-b"))
     finish(heir)
     (job,) = queue.jobs()
     assert job["state"] == "succeeded"
@@ -467,9 +442,9 @@ def test_a_state_still_being_written_is_not_uploaded_until_its_manifest_is(tmp_p
 def test_uploads_wait_out_a_server_outage_and_nothing_is_lost(tmp_path, root, s3_server):
     folder, _ = s3_server
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
-    queue = plan(url, root, "--only", "model=gpt2", "--set", "training.train_steps=600",
-                 "--set", "training.save_every_steps=50")
-    worker = start_worker(url, tmp_path / "host")
+    queue = plan_slice(url, root, "--only", "model=gpt2", "--set", "training.train_steps=600",
+                       "--set", "training.save_every_steps=50")
+    worker = start_worker(url, "--cache-dir", str(tmp_path / "host"))
     wait_for(lambda: queue.jobs()[0]["step"] >= 100, what="progress")
     s3server.stop(folder)
     stopped = time.monotonic()
@@ -490,7 +465,7 @@ def test_uploads_wait_out_a_server_outage_and_nothing_is_lost(tmp_path, root, s3
 
 def test_a_worker_that_cannot_reach_the_bucket_hands_the_job_back_and_exits_1(tmp_path, root):
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
-    queue = plan(url, root, "--only", "model=gpt2")
+    queue = plan_slice(url, root, "--only", "model=gpt2")
     proc = subprocess.run(
         [PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--db-outage", "0",
          "--cache-dir", str(tmp_path / "host")], cwd=ROOT, capture_output=True, text=True,
@@ -509,30 +484,30 @@ def test_a_worker_that_cannot_reach_the_bucket_hands_the_job_back_and_exits_1(tm
 
 def test_requeue_fresh_and_plan_replace_move_the_objects_aside(tmp_path, root):
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
-    queue = plan(url, root, "--only", "model=gpt2")
-    finish(start_worker(url, tmp_path / "host"))
+    queue = plan_slice(url, root, "--only", "model=gpt2")
+    finish(start_worker(url, "--cache-dir", str(tmp_path / "host")))
     (job,) = queue.jobs()
     folder = s3.S3Path.parse(job["out_dir"])
     before = sorted(key[len(folder.key):] for key, _ in s3.listing(folder))
     assert "/head.json" in before
 
-    fresh = runner(url, "requeue", "--fresh", job["name"])
+    fresh = cli(url, "requeue", "--fresh", job["name"])
     assert fresh.returncode == 0, fresh.stderr
     assert not s3.exists(folder)
     (aside,) = _aside_all(folder)
     assert sorted(key[len(aside.key):] for key, _ in s3.listing(aside)) == before
-    finish(start_worker(url, tmp_path / "host"))
+    finish(start_worker(url, "--cache-dir", str(tmp_path / "host")))
     (job,) = queue.jobs()
     assert job["state"] == "succeeded" and read_head(folder).attempt == 2
     assert "resuming" not in (local_folder(job["out_dir"]) / ckpt.LOG_FILE).read_text()
 
-    replaced = runner(url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
-                      "--only", "run=1", "--only", "model=gpt2", "--out-root", root,
-                      "--set", "training.learning_rate=0.01", "--replace")
+    replaced = cli(url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
+                   "--only", "run=1", "--only", "model=gpt2", "--out-root", root,
+                   "--set", "training.learning_rate=0.01", "--replace")
     assert replaced.returncode == 0, replaced.stderr
     assert not s3.exists(folder) and len(_aside_all(folder)) == 2
-    finish(start_worker(url, tmp_path / "host"))
-    gc = runner(url, "gc", "--replaced", "--dry-run")
+    finish(start_worker(url, "--cache-dir", str(tmp_path / "host")))
+    gc = cli(url, "gc", "--replaced", "--dry-run")
     assert gc.returncode == 0, gc.stderr
     asides = _aside_all(folder)
     assert len(asides) == 2  # a dry run deletes nothing
@@ -540,12 +515,12 @@ def test_requeue_fresh_and_plan_replace_move_the_objects_aside(tmp_path, root):
         f"would remove {aside.url}" for aside in asides]
     assert gc.stdout.splitlines()[-1].endswith(": 2 replaced folders; kept the newest valid "
                                                "state of 1 job(s) and every snapshot")
-    cut_off = runner(url, "gc", "--replaced",
-                     env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    cut_off = cli(url, "gc", "--replaced",
+                  env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
     assert cut_off.returncode == 1 and cut_off.stderr.startswith(
         f"error: could not clean 1 path(s); first: {folder.url}: Could not connect to the "
         "endpoint URL"), cut_off.stderr
-    gc = runner(url, "gc", "--replaced")
+    gc = cli(url, "gc", "--replaced")
     assert gc.returncode == 0, gc.stderr
     assert _aside_all(folder) == [] and read_head(folder).attempt == 3  # claims never reset
     assert queue.jobs()[0]["state"] == "succeeded"

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from db import JobQueue, connect
-from tests.conftest import PYTHON, ROOT, cli, digest, refused_line
-
-GOOD_SWEEP = (ROOT / "conf" / "sweep.yaml").read_text()
+from tests.support.commands import PYTHON, ROOT, cli, refused_line
+from tests.support.queues import GOOD_SWEEP, digest
 
 
 def sweep_file(tmp_path, text):
@@ -171,6 +170,7 @@ def test_a_plain_path_is_a_sqlite_file(tmp_path):
     assert "pending 30" in status.stdout
 
 
+@pytest.mark.slow  # trains in real worker or trainer processes
 def test_make_workers_gives_each_worker_its_log_and_a_share_of_the_cores(tmp_path):
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
     assert cli(url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
@@ -214,6 +214,7 @@ def test_trainer_help_shows_each_example_on_its_own_line():
         "python -m trainer --config runs/table_connectivity/<name>/config.yaml --out runs/debug"]
 
 
+@pytest.mark.slow  # trains in real worker or trainer processes
 def test_a_config_that_diverges_is_advised_a_config_change_not_a_requeue(tmp_path):
     """A NaN loss comes back on a requeue (training is seeded): status says to change the
     config instead. A real worker trains with a learning rate that diverges at once."""

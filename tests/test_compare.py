@@ -22,9 +22,11 @@ import pytest
 from db import JobQueue, connect
 from runner.reporting.plot import sample_complexity_figure
 from runner.reporting.results import aggregate
-from tests.browser import chrome
-from tests.conftest import PYTHON, ROOT, cli, digest, refused_line, runner_env
-from tests.test_dashboard import start_server, stop_server, wait_for
+from tests.support.browser import chrome
+from tests.support.commands import PYTHON, ROOT, cli, refused_line, runner_env
+from tests.support.queues import digest
+from tests.support.serve import start_server, stop_server
+from tests.support.waiting import wait_for
 from trainer.files import EVAL_FILE, METRICS_FILE
 
 TINY = ["--set", "training.train_steps=4", "--set", "evaluation.eval_every=2",

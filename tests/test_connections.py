@@ -18,8 +18,9 @@ from sqlalchemy.pool import NullPool
 from db import JobQueue, connect
 from db.engine import POOL_WAIT_SECONDS
 from runner.worker import IdleWait, Worker
-from tests.conftest import PYTHON, ROOT, cli, new_pg_database, runner_env
-from tests.test_worker_inprocess import StandIn, row
+from tests.support.commands import PYTHON, ROOT, cli, runner_env
+from tests.support.queues import new_pg_database
+from tests.support.standin import StandIn, row
 
 
 def server_connections(admin, database: str) -> int:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models import FAMILIES, build_model
-from tests.test_models import loop_masks
+from tests.support.masks import loop_masks
 from trainer.config import resolve, validate
 
 SWEEP_NS = (256, 512, 1024, 2048, 4096)

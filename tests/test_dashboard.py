@@ -4,17 +4,15 @@ The queue (SQLite and PostgreSQL) holds succeeded, failed, running (one of them
 stale) and pending jobs. The API is checked against `status --json` and
 `results --json`, for names it refuses, for secrets and paths it must not show,
 for staying read-only, and for surviving a database that is locked or refuses
-connections. The page itself is checked in headless chromium (tests/browser.py).
+connections. The page itself is checked in headless chromium (tests/support/browser.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import signal
 import sqlite3
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,8 +26,11 @@ from sqlalchemy.engine import make_url
 
 from db import JobQueue, connect
 from runner.reporting.results import spread
-from tests.browser import chrome, keep_artifact
-from tests.conftest import BACKENDS, PYTHON, ROOT, cli, digest, new_pg_database, runner_env
+from tests.support.browser import chrome, keep_artifact
+from tests.support.commands import PYTHON, ROOT, cli, runner_env
+from tests.support.queues import BACKENDS, digest, new_pg_database
+from tests.support.serve import start_server, stop_server
+from tests.support.waiting import wait_for
 from trainer.files import METRICS_FILE, read_metrics
 
 PASSWORD = "s3cret-Pw"   # the test PostgreSQL server trusts any password: it must never show
@@ -38,38 +39,6 @@ NAMES = {run: f"table_connectivity_{tag}_V5_N256_run{run[1]}"
                           (("l", 1), "lowrank"), (("l", 2), "lowrank"), (("l", 3), "lowrank")]}
 EXPECTED = {NAMES["s", 1]: "succeeded", NAMES["s", 2]: "succeeded", NAMES["s", 3]: "failed",
             NAMES["l", 1]: "running", NAMES["l", 2]: "running", NAMES["l", 3]: "pending"}
-
-
-def start_server(url: str, *args: str, cwd=ROOT) -> tuple[subprocess.Popen, str]:
-    """`python -m runner serve --port 0 ARGS`; (process, its base URL) once it answers."""
-    proc = subprocess.Popen([PYTHON, "-m", "runner", "--db", url, "serve", "--port", "0", *args],
-                            cwd=cwd, env=runner_env(url), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(60)
-    match = re.search(r"http://[\d.]+:\d+/", line[0] if line else "")
-    if not match:
-        proc.kill()
-        raise AssertionError(f"serve did not start: {line} {proc.stderr.read()[-2000:]}")
-    base = match.group(0)
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(base + "api/info", timeout=5).read()
-            break
-        except OSError:
-            time.sleep(0.1)
-    return proc, base
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def get(base: str, path: str):
@@ -299,17 +268,6 @@ def rows_by_state(driver) -> dict[str, str]:
     return driver.execute_script(
         "return Object.fromEntries([...document.querySelectorAll('#jobs tbody tr')]"
         ".map(tr => [tr.dataset.name, tr.dataset.state]))")
-
-
-def wait_for(condition, timeout: float = 20, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from sqlalchemy import create_engine, exc, text, update
 from db import DatabaseError, JobQueue, connect, mask_url
 from db import engine as engine_module
 from db.models import Meta
-from tests.conftest import PYTHON, ROOT, new_pg_database
-from tests.test_queue import rows
+from tests.support.commands import PYTHON, ROOT
+from tests.support.queues import new_pg_database, rows
 
 
 def test_many_processes_creating_the_schema_at_once(db_url):

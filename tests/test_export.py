@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 
 from db import JobQueue, connect
-from tests.conftest import PYTHON, ROOT, cli, runner_env
-from tests.extras import need
+from tests.support.commands import PYTHON, ROOT, cli, runner_env
+from tests.support.skips import need
+from tests.support.tensorboard import TB, points
 from trainer.files import METRICS_FILE
-
-TB = "pip install -e '.[tensorboard-tests]'"
 
 
 def record(step: int) -> dict:
@@ -35,14 +34,6 @@ def write_metrics(out_dir: str, steps: range, mode: str = "w") -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     with open(Path(out_dir) / METRICS_FILE, mode) as f:
         f.writelines(json.dumps(record(s)) + "\n" for s in steps)
-
-
-def points(run_dir: Path) -> dict[str, list[int]]:
-    """tag -> steps, by tensorboard's EventAccumulator (every point kept)."""
-    ea_mod = need("tensorboard.backend.event_processing.event_accumulator", TB)
-    acc = ea_mod.EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: [e.step for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
 
 def hparams_of(run_dir: Path) -> dict:

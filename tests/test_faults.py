@@ -20,45 +20,26 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from db import JobQueue, connect
-from tests.audit import finishes_per_job, lease_violations
-from tests.conftest import PYTHON, ROOT, runner_env
+from testing.audit import finishes_per_job, lease_violations
+from tests.support.commands import PYTHON, cli, plan
+from tests.support.training import assert_bit_identical, train_1thread
 from trainer import atomic
 from trainer import checkpoint as ckpt
 from trainer.config import resolve
-from trainer.train import run as train
 
 pytestmark = pytest.mark.slow
 
 ONE_JOB = ["--only", "V=5", "--only", "N=256", "--only", "model=gpt2", "--only", "run=1"]
 
 
-def runner(db_url, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT, env=runner_env(db_url),
-                          capture_output=True, text=True, timeout=600, **kw)
-
-
 def worker(db_url, *args, **kw) -> subprocess.CompletedProcess:
-    return runner(db_url, "worker", "--gpu", "cpu", "--threads", "1", *args, **kw)
+    return cli(db_url, "worker", "--gpu", "cpu", "--threads", "1", *args, **kw)
 
 
 def plan_one(db_url, tmp_path) -> JobQueue:
-    proc = runner(db_url, "plan", "--profile", "smoke", "--out-root", str(tmp_path / "runs"),
-                  *ONE_JOB)
-    assert proc.returncode == 0, proc.stderr
-    return JobQueue(connect(db_url))
-
-
-def train_1thread(config: dict, out: Path, **kw):
-    """trainer.train.run as the workers run it: one torch thread (CPU sums depend on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train(config, out, **kw)
-    finally:
-        torch.set_num_threads(threads)
+    return plan(db_url, tmp_path / "runs", *ONE_JOB)
 
 
 def stop_at(config: dict, out: Path, step: int) -> None:
@@ -66,35 +47,6 @@ def stop_at(config: dict, out: Path, step: int) -> None:
     result = train_1thread(config, out, stop=stop,
                            on_progress=lambda p: stop.set() if p.step == step else None)
     assert (result.outcome, result.step) == ("stopped", step)
-
-
-def bits(obj):
-    """Tensors as (dtype, shape, raw bytes), recursively: equal means bit-identical."""
-    if isinstance(obj, torch.Tensor):
-        flat = obj.detach().contiguous().reshape(-1)
-        return str(obj.dtype), tuple(obj.shape), flat.view(torch.uint8).numpy().tobytes()
-    if isinstance(obj, dict):
-        return {k: bits(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [bits(v) for v in obj]
-    return obj
-
-
-def assert_bit_identical(out: Path, clean: Path) -> None:
-    """Final state (model, optimiser, batch RNG), metrics, evaluation and snapshots agree."""
-    a = torch.load(ckpt.list_states(out)[0], weights_only=True)
-    b = torch.load(ckpt.list_states(clean)[0], weights_only=True)
-    assert a["step"] == b["step"]
-    for key in ("model", "optimizer"):
-        assert bits(a[key]) == bits(b[key]), key
-    assert bits(a["rng"]["batches"]) == bits(b["rng"]["batches"])
-    for name in (ckpt.METRICS_FILE, ckpt.EVAL_FILE, ckpt.CONFIG_FILE):
-        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
-    snaps = sorted(p.name for p in (clean / ckpt.SNAPSHOT_DIR).iterdir())
-    assert sorted(p.name for p in (out / ckpt.SNAPSHOT_DIR).iterdir()) == snaps
-    for name in snaps:
-        assert (out / ckpt.SNAPSHOT_DIR / name).read_bytes() == (
-            clean / ckpt.SNAPSHOT_DIR / name).read_bytes(), name
 
 
 def temp_files(folder: Path) -> list[Path]:
@@ -141,7 +93,7 @@ def test_checkpoint_write_past_a_file_size_limit_leaves_the_previous_state(db_ur
     assert {p.name: p.read_bytes() for p in (out / ckpt.STATE_DIR).iterdir()} == before
     assert valid_steps(out) == [12, 11]
 
-    assert runner(db_url, "requeue", "--failed").returncode == 0
+    assert cli(db_url, "requeue", "--failed").returncode == 0
     proc = worker(db_url)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (job,) = queue.jobs()
@@ -306,8 +258,8 @@ def test_losing_the_wal_s_last_transaction_loses_no_finished_result(tmp_path):
     """
     db = tmp_path / "queue.sqlite"
     url = f"sqlite:///{db}"
-    proc = runner(url, "plan", "--profile", "smoke", "--out-root", str(tmp_path / "runs"),
-                  *ONE_JOB)
+    proc = cli(url, "plan", "--profile", "smoke", "--out-root", str(tmp_path / "runs"),
+               *ONE_JOB)
     assert proc.returncode == 0, proc.stderr
     holder = subprocess.Popen(
         [PYTHON, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "

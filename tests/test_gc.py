@@ -11,21 +11,19 @@ from pathlib import Path
 import filelock
 import pytest
 
-from db import JobQueue, connect
+from db import JobQueue
 from runner.disk import Collection, collect_job, human_bytes
-from tests.conftest import cli, refused_line
+from tests.support.commands import cli, plan, refused_line
 from trainer import checkpoint as ckpt
 from trainer.train import run as train
 
 STEPS = 12  # states at steps 11 and 12 (the final one), a snapshot at step 10
 
 
-def plan(db_url: str, tmp_path: Path, *only: str) -> JobQueue:
-    proc = cli(db_url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
-               "--only", "run=1", *(f"--only={o}" for o in only),
-               "--set", f"training.train_steps={STEPS}", "--out-root", str(tmp_path / "runs"))
-    assert proc.returncode == 0, proc.stderr
-    return JobQueue(connect(db_url))
+def plan_cell(db_url: str, tmp_path: Path, *only: str) -> JobQueue:
+    """The cell V=5, N=256, run 1 (both models; `only`: fewer), STEPS steps a job."""
+    return plan(db_url, tmp_path / "runs", "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                *(f"--only={o}" for o in only), "--set", f"training.train_steps={STEPS}")
 
 
 def tree(root: Path) -> dict[str, tuple[int, str]]:
@@ -63,9 +61,10 @@ def add_leftovers(folder: Path) -> dict[Path, str]:
     return leftovers
 
 
+@pytest.mark.slow  # trains in real worker or trainer processes
 def test_gc_frees_old_and_invalid_states_and_leftovers_and_the_job_still_resumes(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
-    queue = plan(db_url, tmp_path)
+    queue = plan_cell(db_url, tmp_path)
     proc = cli(db_url, "worker", "--gpu", "cpu", "--threads", "1")  # a real smoke run
     assert proc.returncode == 0, proc.stderr[-2000:]
     standard, lowrank = queue.jobs()
@@ -126,7 +125,7 @@ def test_gc_frees_old_and_invalid_states_and_leftovers_and_the_job_still_resumes
 
 def trained_job(db_url: str, tmp_path: Path) -> tuple[JobQueue, dict, Path]:
     """One planned job, trained in-process into its folder, with leftovers beside its states."""
-    queue = plan(db_url, tmp_path, "model=gpt2")
+    queue = plan_cell(db_url, tmp_path, "model=gpt2")
     (job,) = queue.jobs()
     train(job["config"], job["out_dir"])
     add_leftovers(Path(job["out_dir"]))

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT
+from tests.support.commands import PYTHON, ROOT
 
 pytestmark = pytest.mark.slow
 

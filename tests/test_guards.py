@@ -22,8 +22,8 @@ from sqlalchemy import update
 from db.engine import db_now
 from db.models import Job
 from runner.liveness import HOST, dead_reason, process_token
-from tests.conftest import ROOT
-from tests.test_queue import rows
+from tests.support.commands import ROOT
+from tests.support.queues import rows
 from trainer import atomic
 from trainer import checkpoint as ckpt
 from trainer.train import scores

@@ -1,5 +1,5 @@
 """The job-folder contract (runner.jobfolders), run the same against both kinds: a folder on
-disk, and one in a bucket on a real S3 server (SeaweedFS, tests/s3server.py). An attempt
+disk, and one in a bucket on a real S3 server (SeaweedFS, testing/s3server.py). An attempt
 prepares the folder and trains in the local path it gets; what it closes, readers see; a
 newer attempt resumes from it; a folder moved aside leaves room for a new run and is listed
 for gc; addresses of neither kind are refused."""
@@ -23,7 +23,7 @@ from runner.jobfolders import (
     move_aside,
     open_folder,
 )
-from tests import s3server
+from testing import s3server
 from trainer import checkpoint as ckpt
 from trainer.files import CONFIG_FILE, EVAL_FILE, LOG_FILE, METRICS_FILE
 

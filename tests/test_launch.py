@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, cli, runner_env
+from tests.support.commands import PYTHON, ROOT, cli, runner_env
 
 VENV = Path(PYTHON).parent.parent
 

@@ -12,19 +12,13 @@ from pathlib import Path
 import pytest
 
 from runner.liveness import HOST, dead_reason
-from tests.audit import lease_violations
-from tests.conftest import cli
-from tests.test_queue import rows
-from tests.test_worker import long_job, start_worker, wait_for
+from testing.audit import lease_violations
+from tests.support.commands import cli, dead_pid, long_job, start_worker
+from tests.support.queues import rows
+from tests.support.waiting import wait_for
 from trainer import checkpoint as ckpt
 
 LONG = "table_connectivity_standard_V5_N256_run1"
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 @pytest.mark.slow

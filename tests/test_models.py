@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from models import FAMILIES, build_model
+from tests.support.masks import C, loop_masks
 from trainer.config import resolve
-
-C = 3
 
 
 def cfg(family: str, V: int = 5, **over) -> dict:
@@ -42,30 +41,6 @@ def build(c: dict, seed: int = 0):
 def rand_x(c: dict, B: int = 3, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, c["V"] * (C + 1) + 3, c["n_dims"], generator=g)
-
-
-def loop_masks(V: int, n_layer: int) -> list[torch.Tensor]:
-    """The spec's rules written out with plain loops, independently of the model code."""
-    L = V * (C + 1) + 3
-    G = C + 1
-
-    def group(i):  # table group id, or a unique id for each of the last 3 tokens
-        return i // G if i < V * G else 1000 + i
-
-    K = {g * G + C for g in range(V)} | {L - 3, L - 2, L - 1}
-    out = []
-    for layer in range(n_layer):
-        m = torch.zeros(L, L, dtype=torch.bool)
-        for q in range(L):
-            for k in range(q + 1):  # causal: key <= query
-                if layer < 2:
-                    m[q, k] = group(q) == group(k)
-                elif q in K:
-                    m[q, k] = k in K
-                else:
-                    m[q, k] = k == q  # non-K rows: only themselves
-        out.append(m)
-    return out
 
 
 # ---------------------------------------------------------------- masks

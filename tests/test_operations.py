@@ -10,16 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.audit import finishes_per_job, lease_violations
-from tests.test_queue import rows
-from tests.test_worker import (
-    long_job,
-    plan,
-    runner,
-    same_result_as_uninterrupted,
-    start_worker,
-    wait_for,
-)
+from testing.audit import finishes_per_job, lease_violations
+from tests.support.commands import cli, long_job, plan, start_worker
+from tests.support.queues import rows
+from tests.support.training import same_result_as_uninterrupted
+from tests.support.waiting import wait_for
 from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -129,7 +124,7 @@ def test_cancel_while_a_worker_trains_then_requeue_resumes_bit_exactly(db_url, t
     queue = long_job(db_url, tmp_path)
     worker = start_worker(db_url, "--lease", "4")
     wait_for(lambda: queue.jobs()[0]["step"] >= 30, what="progress")
-    proc = runner(db_url, "cancel", "standard_V5_N256_run1")
+    proc = cli(db_url, "cancel", "standard_V5_N256_run1")
     assert proc.returncode == 0, proc.stderr
     assert f"1 running job(s) will be stopped by their workers: {LONG}" in proc.stdout
     _, err = worker.communicate(timeout=60)                 # within a lease interval
@@ -139,14 +134,14 @@ def test_cancel_while_a_worker_trains_then_requeue_resumes_bit_exactly(db_url, t
     assert ckpt.list_states(Path(job["out_dir"]))[0].name == f"state-{job['step']:07d}.pt"
     assert "cancel asked; stopping after this step" in (Path(job["out_dir"])
                                                         / ckpt.LOG_FILE).read_text()
-    assert "cancelled 1" in runner(db_url, "status").stdout
-    idle = runner(db_url, "worker", "--gpu", "cpu")
+    assert "cancelled 1" in cli(db_url, "status").stdout
+    idle = cli(db_url, "worker", "--gpu", "cpu")
     assert idle.returncode == 0 and "nothing left to claim; 0 job(s)" in idle.stderr
     assert queue.jobs()[0]["state"] == "cancelled"
-    results = runner(db_url, "results")
+    results = cli(db_url, "results")
     assert "1 cancelled job(s) left out" in results.stderr
 
-    assert runner(db_url, "requeue", LONG).returncode == 0
+    assert cli(db_url, "requeue", LONG).returncode == 0
     again = start_worker(db_url)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-2000:]
@@ -162,14 +157,14 @@ def test_pause_now_hands_the_job_back_and_resume_finishes_it(db_url, tmp_path):
     worker = start_worker(db_url, "--wait", "--lease", "4")
     try:
         wait_for(lambda: queue.jobs()[0]["step"] >= 30, what="progress")
-        assert runner(db_url, "pause", "--now").returncode == 0
+        assert cli(db_url, "pause", "--now").returncode == 0
         wait_for(lambda: queue.jobs()[0]["state"] == "pending", timeout=60, what="hand-back")
         stopped_at = queue.jobs()[0]["step"]
-        status = runner(db_url, "status").stdout
+        status = cli(db_url, "status").stdout
         assert status.splitlines()[0].endswith("PAUSED (nothing new is claimed; `python -m "
                                                "runner resume`)")
         assert queue.jobs()[0]["state"] == "pending" and worker.poll() is None  # waits
-        assert runner(db_url, "resume").stdout.strip() == "queue resumed"
+        assert cli(db_url, "resume").stdout.strip() == "queue resumed"
         wait_for(lambda: queue.jobs()[0]["state"] == "succeeded", timeout=300, what="finish")
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -184,17 +179,18 @@ def test_pause_now_hands_the_job_back_and_resume_finishes_it(db_url, tmp_path):
 
 
 def test_replan_and_fresh_rerun_never_touch_a_running_job(db_url, tmp_path):
-    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2",
-                 "--set", "training.train_steps=400", "--set", "training.save_every_steps=20")
+    queue = plan(db_url, tmp_path / "runs", "--only", "V=5", "--only", "N=256",
+                 "--only", "model=gpt2", "--set", "training.train_steps=400",
+                 "--set", "training.save_every_steps=20")
     worker = start_worker(db_url, "--max-jobs", "1")
     wait_for(lambda: queue.jobs()[0]["step"] >= 30, what="progress")
-    replan = runner(db_url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
-                    "--only", "model=gpt2", "--out-root", str(tmp_path / "runs"),
-                    "--set", "training.train_steps=60", "--replace")
+    replan = cli(db_url, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
+                 "--only", "model=gpt2", "--out-root", str(tmp_path / "runs"),
+                 "--set", "training.train_steps=60", "--replace")
     assert replan.returncode == 0, replan.stderr
     assert "2 replaced" in replan.stdout and f"are running and were left as they are: {LONG}" \
         in replan.stderr
-    fresh = runner(db_url, "requeue", "--fresh", LONG)
+    fresh = cli(db_url, "requeue", "--fresh", LONG)
     assert fresh.returncode == 2 and "cancel it first" in fresh.stderr
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == 0, err[-2000:]
@@ -204,7 +200,7 @@ def test_replan_and_fresh_rerun_never_touch_a_running_job(db_url, tmp_path):
     old_eval = (Path(first["out_dir"]) / ckpt.EVAL_FILE).read_text()
 
     # Now done, it can be rerun from scratch: its folder is kept aside, untouched.
-    assert runner(db_url, "requeue", "--fresh", LONG).returncode == 0
+    assert cli(db_url, "requeue", "--fresh", LONG).returncode == 0
     rerun = start_worker(db_url, "--max-jobs", "1")
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err[-2000:]

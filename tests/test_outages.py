@@ -33,26 +33,21 @@ from sqlalchemy.engine import make_url
 from db import JobQueue, LeaseLost, connect
 from db.outage import OutageExceeded, OutageNotice, Outages, is_transient
 from runner.liveness import HOST
-from tests import pgserver
-from tests.audit import finishes_per_job, lease_violations
-from tests.conftest import PYTHON, ROOT, new_pg_database, runner_env
-from tests.tcpproxy import Proxy
-from tests.test_faults import assert_bit_identical, train_1thread
-from tests.test_queue import rows
+from testing import pgserver
+from testing.audit import finishes_per_job, lease_violations
+from testing.tcpproxy import Proxy
+from tests.support.commands import PYTHON, ROOT, plan, runner_env
+from tests.support.queues import METRICS, new_pg_database, rows
+from tests.support.skips import skip_or_fail
+from tests.support.training import assert_bit_identical, train_1thread
+from tests.support.waiting import wait_for
 
 STEPS = 1800           # a job trains for ~15 s on one thread: outages land mid-training
 TWO_JOBS = ["--only", "V=5", "--only", "N=256", "--only", "model=gpt2", "--only", "run=1",
             "--only", "run=2", "--set", f"training.train_steps={STEPS}",
             "--set", "training.save_every_steps=50"]
 ONE_JOB = TWO_JOBS[:8] + TWO_JOBS[10:]
-METRICS = {"accuracy": 0.75, "balanced_accuracy": 0.6, "majority_rate": 0.7}
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip where this machine cannot do it; under CI (same machine as here), fail."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+WAIT = 300             # seconds to wait for jobs to reach a point: past an outage
 
 
 @pytest.fixture
@@ -426,21 +421,6 @@ class Worker:
         return self.text().count(phrase)
 
 
-def plan(db_url: str, tmp_path: Path, only: list[str]) -> JobQueue:
-    proc = subprocess.run([PYTHON, "-m", "runner", "plan", "--profile", "smoke", "--out-root",
-                           str(tmp_path / "runs"), *only], cwd=ROOT, env=runner_env(db_url),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return JobQueue(connect(db_url))
-
-
-def wait_for(predicate, timeout: float = 300, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def training(queue: JobQueue, step: int = 20):
     """True once every job is running and past `step`."""
     return lambda: all(j["state"] == "running" and j["step"] >= step for j in queue.jobs())
@@ -495,9 +475,9 @@ def test_two_workers_ride_out_a_postgresql_restart(pg_cluster, tmp_path, fault_f
     at the next start) while both workers train, started again 5 s later."""
     folder, server = pg_cluster
     url = new_pg_database(server)
-    queue = plan(url, tmp_path, TWO_JOBS)
+    queue = plan(url, tmp_path / "runs", *TWO_JOBS)
     workers = [Worker(url, tmp_path / f"worker-{i}.log", "--lease", "30") for i in range(2)]
-    wait_for(training(queue), what="both jobs training")
+    wait_for(training(queue), WAIT, what="both jobs training")
     pgserver.shutdown(folder, mode)
     time.sleep(5)
     pgserver.start_again(folder)
@@ -518,9 +498,9 @@ def test_a_postgresql_outage_longer_than_the_lease(pg_cluster, tmp_path, fault_f
     old attempt's late writes refused."""
     folder, server = pg_cluster
     url = new_pg_database(server)
-    queue = plan(url, tmp_path, TWO_JOBS)
+    queue = plan(url, tmp_path / "runs", *TWO_JOBS)
     workers = [Worker(url, tmp_path / f"worker-{i}.log", "--lease", "6") for i in range(2)]
-    wait_for(training(queue), what="both jobs training")
+    wait_for(training(queue), WAIT, what="both jobs training")
     pgserver.shutdown(folder, "immediate")
     time.sleep(12)
     pgserver.start_again(folder)
@@ -552,22 +532,22 @@ def test_a_network_cut_while_a_worker_elsewhere_takes_over(pg_cluster, tmp_path,
     job nobody took, renew it) and write nothing for a job they lost."""
     folder, server = pg_cluster
     url = new_pg_database(server)
-    queue = plan(url, tmp_path, TWO_JOBS)
+    queue = plan(url, tmp_path / "runs", *TWO_JOBS)
     proxy = Proxy(make_url(url).port)
     try:
         cut_off = make_url(url).set(port=proxy.port).render_as_string(False)
         workers = [Worker(cut_off, tmp_path / f"worker-{i}.log", "--lease", "6")
                    for i in range(2)]
-        wait_for(training(queue), what="both jobs training")
+        wait_for(training(queue), WAIT, what="both jobs training")
         heir = Worker(url, tmp_path / "heir.log", "--lease", "6", "--wait")
         wait_for(lambda: any(w["name"] == heir.name and w["alive"] for w in queue.workers()),
-                 what="the heir waiting for work")
+                 WAIT, what="the heir waiting for work")
         proxy.cut()
         time.sleep(20)
         proxy.restore()
         for w in workers:
             assert w.wait() == 0, w.text()[-3000:]
-        wait_for(lambda: queue.counts()["succeeded"] == 2, what="every job succeeded")
+        wait_for(lambda: queue.counts()["succeeded"] == 2, WAIT, what="every job succeeded")
         heir.proc.send_signal(signal.SIGTERM)
         assert heir.wait(60) == 0, heir.text()[-3000:]
     finally:
@@ -594,9 +574,9 @@ def test_the_outage_budget_spent_checkpoints_the_job_and_exits_1(pg_cluster, tmp
     (its process is gone) and resumes it."""
     folder, server = pg_cluster
     url = new_pg_database(server)
-    queue = plan(url, tmp_path, ONE_JOB)
+    queue = plan(url, tmp_path / "runs", *ONE_JOB)
     worker = Worker(url, tmp_path / "worker.log", "--lease", "8", "--db-outage", "4")
-    wait_for(training(queue), what="the job training")
+    wait_for(training(queue), WAIT, what="the job training")
     pgserver.shutdown(folder, "fast")
     stopped = time.monotonic()
     try:
@@ -633,7 +613,7 @@ def test_looking_during_an_outage_says_so_in_one_line_within_seconds(pg_cluster,
     hung host: the connect timeout decides): exit 2, one line, no minute-long hang."""
     folder, server = pg_cluster
     url = new_pg_database(server)
-    plan(url, tmp_path, ONE_JOB).engine.dispose()
+    plan(url, tmp_path / "runs", *ONE_JOB).engine.dispose()
     proxy = Proxy(make_url(url).port)
     proxy.silence()
     hung = make_url(url).set(port=proxy.port).render_as_string(False)
@@ -667,11 +647,11 @@ def test_two_workers_ride_out_a_sqlite_lock_held_past_their_busy_timeout(tmp_pat
     """
     path = tmp_path / "queue.sqlite"
     url = f"sqlite:///{path}"
-    queue = plan(url, tmp_path, TWO_JOBS)
+    queue = plan(url, tmp_path / "runs", *TWO_JOBS)
     env = {"RUNNER_SQLITE_BUSY_TIMEOUT": "1"}
     workers = [Worker(url, tmp_path / f"worker-{i}.log", "--lease", "30", env=env)
                for i in range(2)]
-    wait_for(training(queue), what="both jobs training")
+    wait_for(training(queue), WAIT, what="both jobs training")
     holder = sqlite3.connect(path, isolation_level=None, timeout=30)
     holder.execute("BEGIN EXCLUSIVE")
     before = steps_on_disk(queue)
@@ -721,9 +701,9 @@ def test_two_workers_ride_out_a_full_disk_under_the_database(small_disk, tmp_pat
     first (a TRUNCATE checkpoint), so that the next commit must grow it."""
     path = small_disk / "queue.sqlite"
     url = f"sqlite:///{path}"
-    queue = plan(url, tmp_path, TWO_JOBS)
+    queue = plan(url, tmp_path / "runs", *TWO_JOBS)
     workers = [Worker(url, tmp_path / f"worker-{i}.log", "--lease", "30") for i in range(2)]
-    wait_for(training(queue), what="both jobs training")
+    wait_for(training(queue), WAIT, what="both jobs training")
     checkpoint = sqlite3.connect(path, isolation_level=None, timeout=30)
     checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     checkpoint.close()
@@ -777,10 +757,10 @@ def test_two_workers_ride_out_a_silent_network(netns, tmp_path, fault_free):
         name = make_url(local).database
         port = make_url(local).query["port"]
         over_tcp = pgserver.url_for(int(port), name)      # 127.0.0.1 inside the namespace
-        queue = plan(local, tmp_path, TWO_JOBS)
+        queue = plan(local, tmp_path / "runs", *TWO_JOBS)
         workers = [Worker(over_tcp, tmp_path / f"worker-{i}.log", "--lease", "60",
                           netns=netns) for i in range(2)]
-        wait_for(training(queue), what="both jobs training")
+        wait_for(training(queue), WAIT, what="both jobs training")
         tc = ["ip", "netns", "exec", netns, "tc", "qdisc"]
         subprocess.run([*tc, "add", "dev", "lo", "root", "blackhole"], check=True)
         before = steps_on_disk(queue)

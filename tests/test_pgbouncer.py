@@ -11,7 +11,8 @@ import subprocess
 
 from sqlalchemy.engine import make_url
 
-from tests.conftest import PYTHON, ROOT, cli, new_pg_database, runner_env
+from tests.support.commands import PYTHON, ROOT, cli, runner_env
+from tests.support.queues import new_pg_database
 
 
 def test_a_sweep_slice_runs_through_pgbouncer(pg_server_url, pgbouncer_url, tmp_path):

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from db import JobQueue, connect
-from tests.conftest import PYTHON, cli, refused_line, runner_env
+from tests.support.commands import cli, refused_line
+from tests.support.queues import folder_digest, unrelated_database
 from trainer import checkpoint as ckpt
 
 ONE_CELL = ["--profile", "smoke", "--only", "V=5", "--only", "N=256"]
-
-
-def run_in(folder: Path, db_url: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=folder, env=runner_env(db_url),
-                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -27,22 +22,22 @@ def test_folders_are_absolute_so_any_directory_finds_them(db_url, tmp_path):
     planner, elsewhere = tmp_path / "planner", tmp_path / "elsewhere"
     planner.mkdir()
     elsewhere.mkdir()
-    proc = run_in(planner, db_url, "plan", *ONE_CELL, "--only", "model=gpt2", "--only", "run=1",
-                  "--out-root", "runs")
+    proc = cli(db_url, "plan", *ONE_CELL, "--only", "model=gpt2", "--only", "run=1",
+               "--out-root", "runs", cwd=planner)
     assert proc.returncode == 0, proc.stderr
     queue = JobQueue(connect(db_url))
     (job,) = queue.jobs()
     expected = planner / "runs" / "table_connectivity" / job["name"]
     assert job["out_dir"] == str(expected)
-    worker = run_in(elsewhere, db_url, "worker", "--gpu", "cpu", "--threads", "1")
+    worker = cli(db_url, "worker", "--gpu", "cpu", "--threads", "1", cwd=elsewhere)
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert (expected / ckpt.EVAL_FILE).is_file()
     assert not (elsewhere / "runs").exists()
     for args in (["logs", "run1"], ["results"]):
-        proc = run_in(elsewhere, db_url, *args)
+        proc = cli(db_url, *args, cwd=elsewhere)
         assert proc.returncode == 0 and "no readable" not in proc.stderr, proc.stderr
-    assert "finished: test accuracy" in run_in(elsewhere, db_url, "logs", "run1").stdout
-    plot = run_in(elsewhere, db_url, "plot", "--out", "fig.png")
+    assert "finished: test accuracy" in cli(db_url, "logs", "run1", cwd=elsewhere).stdout
+    plot = cli(db_url, "plot", "--out", "fig.png", cwd=elsewhere)
     assert plot.returncode == 0 and (elsewhere / "curves" / "curves_V5_N256.png").is_file()
 
 
@@ -126,8 +121,6 @@ def test_replace_applies_the_change_and_keeps_the_old_folders(tmp_path):
                                   ["worker", "--gpu", "cpu"]], ids=["plan", "worker"])
 def test_a_sqlite_file_of_another_program_gets_no_queue_tables(tmp_path, args):
     """As status refuses to read it, plan (and a worker) refuse to write into it."""
-    from tests.test_readonly import folder_digest, unrelated_database
-
     db = tmp_path / "data.sqlite"
     unrelated_database(db)   # a `notes` table
     before = folder_digest(tmp_path)

@@ -10,15 +10,8 @@ import pytest
 
 from db import LeaseLost
 from runner.liveness import HOST, dead_reason
-from runner.planner import job_rows, load_sweep, parse_only
-from tests.audit import lease_violations
-
-SWEEP = Path(__file__).resolve().parent.parent / "conf" / "sweep.yaml"
-
-
-def rows(*only, overrides=(), out_root="runs"):
-    sweep = load_sweep(SWEEP)
-    return job_rows(sweep, "smoke", parse_only(only, sweep), list(overrides), out_root)
+from testing.audit import lease_violations
+from tests.support.queues import rows
 
 
 def test_plan_is_idempotent_and_adds_only_new_jobs(queue):

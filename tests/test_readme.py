@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT
+from tests.support.commands import PYTHON, ROOT
 
 README_PATH = ROOT / "README.md"
 PAGES = sorted((ROOT / "docs").glob("*.md"))
@@ -32,7 +32,7 @@ COMMANDS = [[script] for script in SCRIPTS] + [["-m", module] for module in MODU
 
 
 def test_readme_names_the_benchmarks():
-    assert "bench/claims.py" in SCRIPTS and "bench/trainer.py" in SCRIPTS
+    assert "bench/claims.py" in SCRIPTS and "bench/step_costs.py" in SCRIPTS
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -72,6 +72,7 @@ def test_readme_make_targets_exist():
 TRAINER_EXAMPLES = re.findall(r"^    python -m trainer (.+)$", README, re.M)
 
 
+@pytest.mark.slow  # trains in real worker or trainer processes
 def test_readme_hand_run_trainer_examples_run_as_written(tmp_path):
     """Both examples, in order, from one folder: the second reruns a queued job's config."""
     assert len(TRAINER_EXAMPLES) == 2 and "<name>" in TRAINER_EXAMPLES[1]

@@ -3,7 +3,6 @@ and read a queue on read-only media."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import subprocess
@@ -15,24 +14,12 @@ from sqlalchemy import create_engine, inspect
 
 from db import JobQueue, connect
 from runner.reporting.serve import open_readonly
-from tests.conftest import cli, new_pg_database, refused_line
-from tests.test_outages import METRICS, skip_or_fail
+from tests.support.commands import cli, refused_line
+from tests.support.queues import METRICS, folder_digest, new_pg_database, unrelated_database
+from tests.support.skips import skip_or_fail
 
 LOOKING = [["status"], ["status", "--json"], ["results"], ["results", "--csv"],
            ["plot", "--out", "{tmp}/figure.png"], ["logs", "run1"]]
-
-
-def folder_digest(folder) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def unrelated_database(path) -> None:
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
-    conn.execute("INSERT INTO notes (body) VALUES ('keep me')")
-    conn.commit()
-    conn.close()
 
 
 @pytest.mark.parametrize("make", [unrelated_database, lambda p: p.write_bytes(b"")],

@@ -19,15 +19,9 @@ import pytest
 from runner.progress import JobDisplay, duration, eta_line, sweep_progress
 from runner.reporting import results as res
 from runner.reporting.plot import sample_complexity_figure
-from tests.conftest import PYTHON, ROOT, runner_env
+from tests.support.commands import PYTHON, ROOT, cli, runner_env
 from trainer.config import resolve
 from trainer.files import METRICS_FILE
-
-
-def cli(db_url, *args, timeout=300):
-    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT, env=runner_env(db_url),
-                          capture_output=True, text=True, timeout=timeout)
-
 
 # --- pure functions -------------------------------------------------------------------
 

@@ -18,19 +18,14 @@ from sqlalchemy.engine import make_url
 
 from db import DatabaseError, JobQueue, connect, mask_url
 from runner.planner import SweepError, job_rows, load_sweep
-from tests.conftest import PYTHON, ROOT, new_pg_database, runner_env
+from tests.support.commands import PYTHON, ROOT, cli, runner_env
+from tests.support.queues import GOOD_SWEEP, new_pg_database
 from trainer import checkpoint as ckpt
 from trainer.config import resolve
 from trainer.train import run as train
 
 SOURCES = [p for d in ("trainer", "runner", "db", "models", "bench")
            for p in sorted((ROOT / d).rglob("*.py"))]
-GOOD_SWEEP = (ROOT / "conf" / "sweep.yaml").read_text()
-
-
-def cli(db_url, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT, env=runner_env(db_url),
-                          capture_output=True, text=True, timeout=300, **kw)
 
 
 def calls(path: Path):

@@ -19,9 +19,10 @@ import urllib.request
 
 import pytest
 
-from tests.browser import chrome
-from tests.conftest import PYTHON, ROOT, cli, refused_line, runner_env
-from tests.test_dashboard import stop_server, wait_for
+from tests.support.browser import chrome
+from tests.support.commands import PYTHON, ROOT, cli, refused_line, runner_env
+from tests.support.serve import stop_server
+from tests.support.waiting import wait_for
 
 PATHS = ["", "static/app.js", "api/status", "api/results", "api/latest", "api/info",
          "api/jobs/table_connectivity_standard_V5_N256_run1", "figures/sample_complexity.png"]

@@ -1,4 +1,4 @@
-"""Workers as a SLURM job array, on a real single-node SLURM (tests/slurmcluster.py).
+"""Workers as a SLURM job array, on a real single-node SLURM (testing/slurmcluster.py).
 
 One cluster per test session, with fake GPUs. Where it cannot start, these tests skip
 with the reason, except under CI=true, where they fail.
@@ -18,9 +18,12 @@ from pathlib import Path
 import pytest
 
 from db import JobQueue, connect
-from tests import slurmcluster
-from tests.conftest import PYTHON, ROOT, refused_line, runner_env, throwaway_server
-from tests.test_worker import same_result_as_uninterrupted, wait_for
+from testing import slurmcluster
+from tests.support.commands import PYTHON, ROOT, plan, refused_line, runner_env, start_worker
+from tests.support.queues import new_pg_database
+from tests.support.skips import throwaway_server
+from tests.support.training import same_result_as_uninterrupted
+from tests.support.waiting import wait_for
 from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
@@ -50,7 +53,8 @@ def slurm(env, *args) -> str:
     return proc.stdout
 
 
-def plan(env, tmp_path, *args) -> JobQueue:
+def plan_in(env, tmp_path, *args) -> JobQueue:
+    """`plan` into the queue of `env` (a whole environment, as `run` takes it)."""
     proc = run(env, "plan", "--profile", "smoke", "--out-root", str(tmp_path / "runs"), *args)
     assert proc.returncode == 0, proc.stderr
     return JobQueue(connect(env["RUNNER_DB"]))
@@ -105,7 +109,7 @@ def step_of(queue, name) -> int:
 
 
 def test_dry_run_script_for_gpu_workers(env, tmp_path):
-    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256")
     proc = run(env, "slurm", "submit", "--workers", "4", "--parallel", "2", "--time", "1:30:00",
                "--partition", "low", "--cpus-per-worker", "8", "--mem", "32G", "--account",
                "lab", "--qos", "normal", "--sbatch-arg=--constraint=a100", "--grace", "90",
@@ -126,7 +130,7 @@ def test_dry_run_script_for_gpu_workers(env, tmp_path):
 
 
 def test_dry_run_script_for_cpu_workers_has_no_gpu_request(env, tmp_path):
-    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256")
     # A relative SQLite path is made absolute: the tasks run in the project's folder.
     proc = run(env, "--db", "queue.sqlite", "slurm", "submit", "--workers", "2", "--cpu",
                "--time", "30", "--dry-run", cwd=tmp_path)
@@ -140,7 +144,7 @@ def test_dry_run_script_for_cpu_workers_has_no_gpu_request(env, tmp_path):
 
 
 def test_a_dry_run_where_no_cluster_answers_still_shows_the_script(env, tmp_path):
-    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256")
     nowhere = {**env, "SLURM_CONF": str(tmp_path / "no-such-slurm.conf")}
     proc = run(nowhere, "slurm", "submit", "--workers", "2", "--cpu", "--dry-run")
     assert proc.returncode == 0, proc.stderr
@@ -154,16 +158,14 @@ def test_a_dry_run_where_no_cluster_answers_still_shows_the_script(env, tmp_path
 
 def test_multi_node_partitions_need_postgresql_and_shared_folders(env, tmp_path,
                                                                    pg_server_url):
-    from tests.conftest import new_pg_database
-
-    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256")
     line = refused_line(run(env, "slurm", "submit", "--workers", "2", "--partition", "multi",
                             "--dry-run"))
     assert line == ("error: the partition spans 2 nodes, but the queue is a SQLite file (one "
                     "host only): use PostgreSQL (--db postgresql+psycopg://...; README, "
                     "'Several machines')")
     pg = {**env, "RUNNER_DB": new_pg_database(pg_server_url)}
-    plan(pg, tmp_path / "tmpfolders", "--only", "V=5", "--only", "N=256")
+    plan_in(pg, tmp_path / "tmpfolders", "--only", "V=5", "--only", "N=256")
     line = refused_line(run(pg, "slurm", "submit", "--workers", "2", "--partition", "multi",
                             "--dry-run"))
     assert re.fullmatch(r"error: the partition spans 2 nodes, but job folder /tmp/\S+ is on a "
@@ -197,14 +199,14 @@ def test_multi_node_partitions_need_postgresql_and_shared_folders(env, tmp_path,
                                 "none)"),
 ])
 def test_bad_submissions_are_refused_in_one_line(env, tmp_path, args, message):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256")
     assert refused_line(run(env, "slurm", "submit", "--workers", "1", *args)) == message
     assert not (tmp_path / "runs" / "logs").exists()  # no script left behind
     assert queue.launches("slurm") == []
 
 
 def test_the_time_forms_sbatch_takes_reach_the_script(env, tmp_path):
-    plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256")
     for form in ("30:00", "1-12", "2-0", "1-0:30", "100:00:00", "1:2:3"):
         proc = run(env, "slurm", "submit", "--workers", "1", "--time", form, "--dry-run")
         assert proc.returncode == 0, proc.stderr
@@ -212,7 +214,7 @@ def test_the_time_forms_sbatch_takes_reach_the_script(env, tmp_path):
 
 
 def test_nothing_pending_or_no_sbatch_is_refused(env, tmp_path):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256")
     no_slurm = {**env, "PATH": str(Path(PYTHON).parent)}
     assert refused_line(run(no_slurm, "slurm", "submit", "--workers", "1")) == (
         "error: no `sbatch` on PATH: run this on a SLURM login node (or load its module)")
@@ -227,7 +229,7 @@ def test_nothing_pending_or_no_sbatch_is_refused(env, tmp_path):
 
 
 def test_an_array_runs_a_smoke_slice_each_worker_on_its_own_gpu(env, tmp_path):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
     job_id = submit(env, "--workers", "2")
     wait_for_array_end(env, job_id)
     jobs = queue.jobs()
@@ -247,8 +249,8 @@ def test_an_array_runs_a_smoke_slice_each_worker_on_its_own_gpu(env, tmp_path):
 
 
 def test_preempted_workers_hand_back_and_resume_bit_identically(env, tmp_path):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
-                 "--set", "training.train_steps=2000", "--set", "training.save_every_steps=20")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                    "--set", "training.train_steps=2000", "--set", "training.save_every_steps=20")
     job_id = submit(env, "--workers", "2")
     names = [j["name"] for j in queue.jobs()]
     wait_for(lambda: all(step_of(queue, n) >= 40 for n in names), 240, "both jobs training")
@@ -277,9 +279,9 @@ def test_preempted_workers_hand_back_and_resume_bit_identically(env, tmp_path):
 
 
 def test_at_the_time_limit_workers_hand_back_and_requeue_themselves(env, tmp_path):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
-                 "--only", "model=gpt2", "--set", "training.train_steps=20000",
-                 "--set", "training.save_every_steps=20")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                    "--only", "model=gpt2", "--set", "training.train_steps=20000",
+                    "--set", "training.save_every_steps=20")
     # SLURM checks time limits every 30 s and sends the --signal up to 30 s before it is
     # due: with a 1-minute limit it could come the moment a task starts, before its worker
     # has claimed. With 2 minutes and 60 s of grace it comes 30-60 s into a run.
@@ -315,8 +317,8 @@ def test_at_the_time_limit_workers_hand_back_and_requeue_themselves(env, tmp_pat
 
 
 def test_slurm_cancel_mid_job_loses_nothing(env, tmp_path):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
-                 "--set", "training.train_steps=5000", "--set", "training.save_every_steps=10")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                    "--set", "training.train_steps=5000", "--set", "training.save_every_steps=10")
     job_id = submit(env, "--workers", "3")  # two workers run, a third waits for a GPU
     names = [j["name"] for j in queue.jobs()]
     wait_for(lambda: all(step_of(queue, n) >= 20 for n in names), 240, "both jobs training")
@@ -335,7 +337,7 @@ def test_slurm_cancel_mid_job_loses_nothing(env, tmp_path):
 
 
 def test_slurm_cancel_skips_a_launch_that_ended_and_cancels_the_live_one(env, tmp_path):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
     queue.record_launch("slurm", "999999", 2, None, {})  # long gone: SLURM forgot its id
     # Tasks that wait an hour to start: a live launch, and no training in this test.
     job_id = submit(env, "--workers", "2", "--sbatch-arg=--begin=now+3600")
@@ -352,9 +354,9 @@ def test_slurm_cancel_skips_a_launch_that_ended_and_cancels_the_live_one(env, tm
 
 
 def test_a_plain_scancel_is_honoured_the_job_handed_back(env, tmp_path):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
-                 "--only", "model=gpt2", "--set", "training.train_steps=5000",
-                 "--set", "training.save_every_steps=10")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                    "--only", "model=gpt2", "--set", "training.train_steps=5000",
+                    "--set", "training.save_every_steps=10")
     job_id = submit(env, "--workers", "1")
     [name] = [j["name"] for j in queue.jobs()]
     wait_for(lambda: step_of(queue, name) >= 20, 240, "the job training")
@@ -367,9 +369,9 @@ def test_a_plain_scancel_is_honoured_the_job_handed_back(env, tmp_path):
 
 
 def test_a_task_killed_outright_is_reclaimed_at_once_by_the_next_worker(env, tmp_path):
-    queue = plan(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
-                 "--only", "model=gpt2", "--set", "training.train_steps=3000",
-                 "--set", "training.save_every_steps=10")
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                    "--only", "model=gpt2", "--set", "training.train_steps=3000",
+                    "--set", "training.save_every_steps=10")
     # A long lease: waiting for it to expire would outlast the test.
     first = submit(env, "--workers", "1", "--lease", "900")
     [name] = [j["name"] for j in queue.jobs()]
@@ -391,13 +393,10 @@ def test_a_task_killed_outright_is_reclaimed_at_once_by_the_next_worker(env, tmp
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGHUP])
 def test_the_signals_clusters_send_before_a_limit_make_a_worker_hand_back(tmp_path, sig):
-    from tests.test_worker import plan as plan_local
-    from tests.test_worker import start_worker
-
     url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
-    queue = plan_local(url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
-                       "--only", "model=gpt2", "--set", "training.train_steps=5000",
-                       "--set", "training.save_every_steps=10")
+    queue = plan(url, tmp_path / "runs", "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                 "--only", "model=gpt2", "--set", "training.train_steps=5000",
+                 "--set", "training.save_every_steps=10")
     [name] = [j["name"] for j in queue.jobs()]
     worker = start_worker(url)
     wait_for(lambda: step_of(queue, name) >= 20, 240, "the job training")
@@ -414,10 +413,8 @@ def test_a_task_of_a_cancelled_launch_that_starts_late_claims_nothing(tmp_path):
     """A task SLURM starts after `slurm cancel` marked its launch (one that was pending
     between the cancel's steps, say) exits without claiming. No cluster needed: the task's
     variables are SLURM's, the launch is the queue's."""
-    from tests.test_worker import plan as plan_local
-
     url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
-    queue = plan_local(url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
+    queue = plan(url, tmp_path / "runs", "--only", "V=5", "--only", "N=256", "--only", "run=1")
     queue.record_launch("slurm", "4242", 2, None, {})
     queue.cancel_launch("slurm", "4242")
     task = {"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "1"}

@@ -21,7 +21,7 @@ from db import JobQueue, connect
 from runner.slurm import array, launches, submit
 from runner.slurm.array import Refused, SubmitOptions
 from runner.slurm.task import SlurmTask, log_line
-from tests.conftest import cli, refused_line
+from tests.support.commands import cli, refused_line
 
 GOLDEN = Path(__file__).parent / "golden"
 

