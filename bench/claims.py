@@ -38,15 +38,13 @@ import time
 from pathlib import Path
 
 import sqlalchemy
-from sqlalchemy import create_engine, delete, func, inspect, select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy import text
 
-from db.engine import connect, filesystem_type, mask_url, normalize_url
-from db.models import Base, Event, Job
+from db.engine import connect, filesystem_type, mask_url
 from db.queue import JobQueue
 from runner.planner import job_rows, load_sweep
 from testing.audit import finishes_per_job, lease_violations
+from testing.scratch import at_risk, clear
 
 SWEEP = Path(__file__).resolve().parent.parent / "conf" / "sweep.yaml"
 LEASE_SECONDS = 300.0   # far longer than any round: no lease may expire
@@ -75,39 +73,6 @@ def worker(url, order, sleeps, barrier, results, wid):
         error = f"{type(e).__name__}: {e}"
     results.put((wid, claim_ms, finish_ms, error, time.monotonic()))  # one clock for all
     queue.engine.dispose()
-
-
-def at_risk(url: str) -> str | None:
-    """What the database at `url` holds that the benchmark would delete or mix its fake jobs
-    with, in words; None for a throwaway one (empty, or a queue without jobs or events).
-
-    Only reads: a SQLite file that does not exist is not made, nothing is created."""
-    url = normalize_url(url)
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").exists():
-        return None
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            tables = set(inspect(conn).get_table_names())
-            rows = {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
-                    for t in Base.metadata.sorted_tables if t.name in tables and t.name != "meta"}
-    finally:
-        engine.dispose()
-    other = sorted(tables - set(Base.metadata.tables))
-    if other:
-        return "another program's tables (" + ", ".join(other[:4]) + ")"
-    held = [f"{n} {name}" for name, n in rows.items() if n]
-    return ", ".join(held) or None
-
-
-def clear(url: str) -> None:
-    """Delete every job and event (and create the queue's tables where missing)."""
-    engine = connect(url, create=True)
-    with engine.begin() as conn:
-        conn.execute(delete(Event))
-        conn.execute(delete(Job))
-    engine.dispose()
 
 
 def fresh_queue(args, folder: Path, label: str) -> str:

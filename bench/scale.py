@@ -38,10 +38,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from bench.claims import at_risk, clear
 from db import JobQueue, connect
 from db.engine import normalize_url
 from testing.audit import finishes_per_job, lease_violations
+from testing.scratch import at_risk, clear
 from trainer.job import Job, Progress, RunResult
 
 METRICS = {"accuracy": 1.0, "balanced_accuracy": 1.0, "majority_rate": 0.5}

@@ -1,0 +1,45 @@
+"""A benchmark's queue: refusing one that holds real work, and emptying a throwaway one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import create_engine, delete, func, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from db.engine import connect, normalize_url
+from db.models import Base, Event, Job
+
+
+def at_risk(url: str) -> str | None:
+    """What the database at `url` holds that the benchmark would delete or mix its fake jobs
+    with, in words; None for a throwaway one (empty, or a queue without jobs or events).
+
+    Only reads: a SQLite file that does not exist is not made, nothing is created."""
+    url = normalize_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").exists():
+        return None
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            tables = set(inspect(conn).get_table_names())
+            rows = {t.name: conn.execute(select(func.count()).select_from(t)).scalar_one()
+                    for t in Base.metadata.sorted_tables if t.name in tables and t.name != "meta"}
+    finally:
+        engine.dispose()
+    other = sorted(tables - set(Base.metadata.tables))
+    if other:
+        return "another program's tables (" + ", ".join(other[:4]) + ")"
+    held = [f"{n} {name}" for name, n in rows.items() if n]
+    return ", ".join(held) or None
+
+
+def clear(url: str) -> None:
+    """Delete every job and event (and create the queue's tables where missing)."""
+    engine = connect(url, create=True)
+    with engine.begin() as conn:
+        conn.execute(delete(Event))
+        conn.execute(delete(Job))
+    engine.dispose()
