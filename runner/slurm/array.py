@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from db.engine import filesystem_type
 from runner.jobfolders import open_folder
@@ -196,10 +196,13 @@ def check_multi_node(db_url: str, folders: list[str], nodes: int, logs: Path | N
         if path is not None and (kind := node_local(str(path))):
             raise SlurmError(f"the partition spans {nodes} nodes, but {what} {path} is on a "
                              f"node-local filesystem ({kind}): {fix}" + FORCE_HINT)
-    for what, url in (("the queue's database host", db_url),
-                      ("the S3 endpoint (AWS_ENDPOINT_URL)", environ.get("AWS_ENDPOINT_URL"))):
+    endpoints = [(f"the S3 endpoint ({name})", environ.get(name))
+                 for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")]
+    for what, url in [("the queue's database host", db_url), *endpoints]:
         host = url_host(url or "")
-        if host in LOCAL_HOSTS:
+        if url == db_url and not host:  # no host: the server's socket on this machine
+            host = "a local socket"
+        if host in LOCAL_HOSTS or host == "a local socket":
             raise SlurmError(f"the partition spans {nodes} nodes, but {what} is {host}: each "
                              "node would reach only itself; name the host by a name every "
                              "node resolves" + FORCE_HINT)
@@ -216,11 +219,16 @@ def node_local(path: str) -> str | None:
 
 
 def url_host(url: str) -> str:
-    """The host a URL names ('' for none), lower case, without brackets."""
+    """The host a URL names, in its netloc or a `host=` query (libpq's), lower case, without
+    brackets; '' for none. A host that is a path is a Unix socket: this machine's."""
     try:
-        return (urlsplit(url).hostname or "").lower()
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
     except ValueError:
         return ""
+    for query_host in parse_qs(parts.query).get("host", [])[:1]:
+        host = "a local socket" if query_host.startswith("/") else query_host.lower()
+    return host
 
 
 def submit(script: Path) -> str:
