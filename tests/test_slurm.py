@@ -426,7 +426,8 @@ def test_a_tasks_worker_shows_no_queue_url_to_ps_and_threads_as_slurm_allocated(
     assert b"worker" in args and environ["RUNNER_DB"] == url
     assert "SLURM_CPUS_PER_TASK" not in environ
     wait_for_array_end(env, job_id)
-    assert f", {environ['SLURM_CPUS_ON_NODE']} threads (SLURM_CPUS_ON_NODE), SLURM job" in (
+    cpus = int(environ["SLURM_CPUS_ON_NODE"])
+    assert f", {cpus} thread{'s' * (cpus > 1)} (SLURM_CPUS_ON_NODE), SLURM job" in (
         slurm_logs(tmp_path, job_id))
 
 

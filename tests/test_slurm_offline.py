@@ -172,7 +172,7 @@ def test_a_tasks_log_line_names_its_job_array_restarts_and_gpus():
 def test_a_tasks_threads_follow_the_cpus_slurm_allocated(environ, cpus, source):
     task = SlurmTask.from_environ({"SLURM_JOB_ID": "9", **environ})
     assert (task.cpus, task.cpus_from) == (cpus, source)
-    assert threads_line(None, task) == f", {cpus} threads ({source})"
+    assert threads_line(None, task) == f", {cpus} thread{'s' * (cpus > 1)} ({source})"
     assert threads_line(3, task) == ", 3 threads (--threads)"
     assert threads_line(None, None) == ""
 

@@ -111,10 +111,14 @@ def threads_line(given: int | None, task: SlurmTask | None) -> str:
     """', 4 threads (SLURM_CPUS_PER_TASK)' for the worker's first log line: the threads it
     trains with and where that number came from ('' for torch's default)."""
     if given:
-        return f", {given} threads (--threads)"
+        return f", {threads(given)} (--threads)"
     if task and task.cpus:
-        return f", {task.cpus} threads ({task.cpus_from})"
+        return f", {threads(task.cpus)} ({task.cpus_from})"
     return ""
+
+
+def threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
 
 
 def log_line(task: SlurmTask | None) -> str:
