@@ -213,8 +213,9 @@ def replan_command() -> str:
               help="guide: the study's order; cost: longest jobs first.")
 @click.option("--wait", is_flag=True, help="Keep polling when nothing is claimable.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads for torch (default: $SLURM_CPUS_PER_TASK in a SLURM task, "
-                   "else all cores). Give each of several CPU "
+              help="CPU threads for torch (default in a SLURM task: the CPUs it was allocated, "
+                   "$SLURM_CPUS_PER_TASK, else its share of $SLURM_CPUS_ON_NODE, else its "
+                   "CPU affinity; elsewhere all cores). Give each of several CPU "
                    "workers on one machine its share, or they slow each other down badly.")
 @click.option("--progress-every", type=click.FloatRange(min=0), default=30, show_default=True,
               metavar="SECONDS",
@@ -758,16 +759,20 @@ def slurm():
 @click.option("--logs", type=click.Path(file_okay=False), default=None,
               help="Folder of the script and the tasks' logs [default: <out-root>/logs].")
 @click.option("--dry-run", is_flag=True, help="Print the script; submit nothing.")
+@click.option("--force", is_flag=True,
+              help="On a partition of several nodes, submit even with a path that looks "
+                   "node-local (/tmp, tmpfs) or a database or S3 host of localhost.")
 @click.pass_context
 def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
                  cpus_per_worker, mem, account, qos, sbatch_args, cpu, grace, stop_signal,
-                 lease, logs, dry_run):
+                 lease, logs, dry_run, force):
     """Submit WORKERS workers of this queue as one SLURM job array; print its job id.
 
     Each task asks for its GPU(s), is requeued on preemption (--requeue), gets the stop
     signal GRACE seconds before its time limit, hands its job back and requeues itself
     while jobs are pending; it exits 0 when nothing is left, so the array ends with the
-    sweep. The queue URL is written into the script (which is private to you).
+    sweep. The queue URL is written into the script (which is private to you) and
+    reaches the workers as $RUNNER_DB, never on a command line.
     """
     from runner.slurm import submit
     from runner.slurm.array import Refused, SlurmError, SubmitOptions
@@ -787,7 +792,7 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
         worker_args=["--lease", f"{lease:g}"] if lease else [])
     try:
         sub = submit.prepare(queue, url, opts, logs, dry_run,
-                             note=lambda line: click.echo(line, err=True))
+                             note=lambda line: click.echo(line, err=True), force=force)
         if dry_run:
             click.echo(sub.script(masked=True), nl=False)
             return

@@ -248,6 +248,7 @@ class Worker:
         self.progress_every = progress_every  # seconds between progress log lines (no terminal)
         self.slurm = slurm
         self.device = resolve_device(gpu, self.job)
+        self.threads_line = slurm_task.threads_line(threads, slurm)  # said in the first line
         threads = threads or (slurm.cpus if slurm else None)
         if threads:
             self.job.set_threads(threads)
@@ -297,8 +298,8 @@ class Worker:
         self.queue.register_worker(self.name, HOST, os.getpid(), process_token(os.getpid()),
                                    self.device, self.lease,
                                    self.slurm.columns() if self.slurm else None)
-        log.info("worker %s on %s, lease %gs%s", self.name, self.device, self.lease,
-                 slurm_task.log_line(self.slurm))
+        log.info("worker %s on %s, lease %gs%s%s", self.name, self.device, self.lease,
+                 self.threads_line, slurm_task.log_line(self.slurm))
         if slurm_task.launch_cancelled(self.queue, self.slurm):
             self.queue.worker_seen(self.name, "exited")
             return 0

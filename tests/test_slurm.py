@@ -122,8 +122,8 @@ def test_dry_run_script_for_gpu_workers(env, tmp_path):
                  f"#SBATCH --output={tmp_path / 'runs' / 'logs'}/slurm-%A_%a.log",
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32G", "#SBATCH --partition=low",
                  "#SBATCH --time=1:30:00", "#SBATCH --account=lab", "#SBATCH --qos=normal",
-                 "#SBATCH --constraint=a100", f"cd {ROOT}",
-                 f"exec {PYTHON} -m runner --db {db} worker --gpu 0 --lease 30"):
+                 "#SBATCH --constraint=a100", f"cd {ROOT}", f"export RUNNER_DB={db}",
+                 f"exec {PYTHON} -m runner worker --gpu 0 --lease 30"):
         assert line in script.splitlines(), (line, script)
     assert not list((tmp_path / "runs").glob("logs/*.sh")), "a dry run writes nothing"
     assert JobQueue(connect(db)).launches("slurm") == []
@@ -139,7 +139,8 @@ def test_dry_run_script_for_cpu_workers_has_no_gpu_request(env, tmp_path):
     assert "#SBATCH --array=0-1" in lines and "#SBATCH --time=30" in lines
     assert "#SBATCH --signal=B:TERM@120" in lines
     assert not any("--gres" in line for line in lines)
-    assert lines[-1] == (f"exec {PYTHON} -m runner --db sqlite:///{tmp_path / 'queue.sqlite'} "
+    assert f"export RUNNER_DB=sqlite:///{tmp_path / 'queue.sqlite'}" in lines
+    assert lines[-1] == (f"exec {PYTHON} -m runner "
                          "worker --gpu cpu")
 
 
@@ -170,18 +171,28 @@ def test_multi_node_partitions_need_postgresql_and_shared_folders(env, tmp_path,
                             "--dry-run"))
     assert re.fullmatch(r"error: the partition spans 2 nodes, but job folder /tmp/\S+ is on a "
                         r"node-local filesystem \(\w+\): plan with --out-root on a shared "
-                        r"filesystem", line), line
+                        r"filesystem; --force submits anyway", line), line
     shared = ROOT / "runs" / f"test-slurm-{os.getpid()}"
     try:
         pg = {**env, "RUNNER_DB": new_pg_database(pg_server_url)}
         proc = run(pg, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
                    "--out-root", str(shared))
         assert proc.returncode == 0, proc.stderr
-        proc = run(pg, "slurm", "submit", "--workers", "8", "--partition", "multi", "--dry-run")
+        # The test's PostgreSQL listens on localhost: each node would reach only itself.
+        line = refused_line(run(pg, "slurm", "submit", "--workers", "8", "--partition",
+                                "multi", "--dry-run"))
+        assert re.fullmatch(r"error: the partition spans 2 nodes, but the queue's database "
+                            r"host is (localhost|127\.0\.0\.1|a local socket): each node "
+                            r"would reach only itself; name the host by a name every node "
+                            r"resolves; --force submits anyway", line), line
+        proc = run(pg, "slurm", "submit", "--workers", "8", "--partition", "multi", "--dry-run",
+                   "--force")
         assert proc.returncode == 0, proc.stderr
         assert "#SBATCH --partition=multi" in proc.stdout.splitlines()
         assert "#SBATCH --nodes=1" in proc.stdout.splitlines()  # one worker, one node
-        assert "--db postgresql+psycopg://runner@" in proc.stdout
+        assert "#SBATCH --array=0-5" in proc.stdout.splitlines()  # 6 jobs: 6 workers
+        assert "note: 8 worker(s) asked for 6 unfinished job(s): submitting 6" in proc.stderr
+        assert "export RUNNER_DB=postgresql+psycopg://runner@" in proc.stdout
     finally:
         shutil.rmtree(shared, ignore_errors=True)
 
@@ -389,6 +400,35 @@ def test_a_task_killed_outright_is_reclaimed_at_once_by_the_next_worker(env, tmp
     kinds = [e["kind"] for e in queue.events(job["id"])]
     assert kinds.count("reclaim") == 1, kinds
     assert "reclaimed at once" in slurm_logs(tmp_path, second)
+
+
+def test_a_tasks_worker_shows_no_queue_url_to_ps_and_threads_as_slurm_allocated(env, tmp_path):
+    """Every user of a node reads a process's arguments (`ps -eo args`); only its owner its
+    environment. No --cpus-per-worker: SLURM sets no SLURM_CPUS_PER_TASK, and the worker
+    takes the CPUs SLURM put on the node for it, not every core."""
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                    "--only", "model=gpt2", "--set", "training.train_steps=3000")
+    proc = run(env, "slurm", "submit", "--cpu", "--gpus-per-worker", "1", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip()
+    try:
+        [name] = [j["name"] for j in queue.jobs()]
+        wait_for(lambda: step_of(queue, name) >= 1, 240, "the job training")
+        [worker] = queue.workers()
+        proc_dir = Path("/proc") / str(worker["pid"])
+        args = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        environ = dict(item.decode().partition("=")[::2] for item in
+                       (proc_dir / "environ").read_bytes().split(b"\0") if item)
+    finally:
+        slurm(env, "scancel", job_id)
+    url = env["RUNNER_DB"]
+    assert b"--db" not in args and not any(url.encode() in a for a in args), args
+    assert b"worker" in args and environ["RUNNER_DB"] == url
+    assert "SLURM_CPUS_PER_TASK" not in environ
+    wait_for_array_end(env, job_id)
+    cpus = int(environ["SLURM_CPUS_ON_NODE"])
+    assert f", {cpus} thread{'s' * (cpus > 1)} (SLURM_CPUS_ON_NODE), SLURM job" in (
+        slurm_logs(tmp_path, job_id))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGHUP])

@@ -11,6 +11,10 @@ to the script, record it again and review the diff:
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,8 +24,8 @@ from sqlalchemy import create_engine, inspect
 from db import JobQueue, connect
 from runner.slurm import array, launches, submit
 from runner.slurm.array import Refused, SubmitOptions
-from runner.slurm.task import SlurmTask, log_line
-from tests.support.commands import cli, refused_line
+from runner.slurm.task import SlurmTask, log_line, threads_line
+from tests.support.commands import ROOT, cli, refused_line
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -48,6 +52,11 @@ def test_the_batch_script_matches_the_golden_file():
                                 shown_url="postgresql+psycopg://runner:***@dbhost/sweep",
                                 root=Path("/opt/checkout"))
     matches_golden("slurm_array.sbatch", script)
+    # Any user of a node reads a process's arguments (ps -eo args): the password is only in
+    # the script (private to its owner), exported as the worker's $RUNNER_DB.
+    [command] = [line for line in script.splitlines() if line.startswith("exec ")]
+    assert "secret" not in command and "--db" not in command and "dbhost" not in command
+    assert "export RUNNER_DB=postgresql+psycopg://runner:secret@dbhost/sweep" in script
 
 
 def test_a_cpu_script_asks_for_no_gpu_and_quotes_what_the_shell_would_split():
@@ -58,8 +67,10 @@ def test_a_cpu_script_asks_for_no_gpu_and_quotes_what_the_shell_would_split():
     assert "#SBATCH --array=0-1" in lines and "#SBATCH --signal=B:TERM@120" in lines
     assert not any("--gres" in line for line in lines)
     assert "cd '/home/me/the checkout'" in lines
-    assert lines[-1] == ("exec /usr/bin/python3 -m runner --db 'sqlite:////data/my queue.sqlite' "
-                         "worker --gpu cpu")
+    assert lines[-3:-1] == ["export RUNNER_DB='sqlite:////data/my queue.sqlite'",
+                            "# exec: the worker is this batch step's process, so SLURM's "
+                            "signals reach it."]
+    assert lines[-1] == "exec /usr/bin/python3 -m runner worker --gpu cpu"
 
 
 SQUEUE = """\
@@ -149,6 +160,34 @@ def test_a_tasks_log_line_names_its_job_array_restarts_and_gpus():
     assert log_line(SlurmTask.from_environ({"SLURM_JOB_ID": "7"})) == (
         ", SLURM job 7 (array 7, restart 0)")
     assert log_line(None) == ""
+
+
+@pytest.mark.parametrize("environ, cpus, source", [
+    ({"SLURM_CPUS_PER_TASK": "4", "SLURM_CPUS_ON_NODE": "8"}, 4, "SLURM_CPUS_PER_TASK"),
+    ({"SLURM_CPUS_ON_NODE": "1"}, 1, "SLURM_CPUS_ON_NODE"),  # no --cpus-per-task: one CPU
+    ({"SLURM_CPUS_ON_NODE": "8", "SLURM_TASKS_PER_NODE": "4"}, 2, "SLURM_CPUS_ON_NODE/4 tasks"),
+    ({"SLURM_CPUS_ON_NODE": "6", "SLURM_TASKS_PER_NODE": "3(x2)"}, 2,
+     "SLURM_CPUS_ON_NODE/3 tasks"),
+])
+def test_a_tasks_threads_follow_the_cpus_slurm_allocated(environ, cpus, source):
+    task = SlurmTask.from_environ({"SLURM_JOB_ID": "9", **environ})
+    assert (task.cpus, task.cpus_from) == (cpus, source)
+    assert threads_line(None, task) == f", {cpus} thread{'s' * (cpus > 1)} ({source})"
+    assert threads_line(3, task) == ", 3 threads (--threads)"
+    assert threads_line(None, None) == ""
+
+
+def test_without_slurms_cpu_variables_a_task_uses_its_cpu_affinity():
+    """Neither variable (an older SLURM, a stripped environment): the CPUs the process may
+    run on, as SLURM's cgroup or affinity limits them; here `taskset -c 0` limits them."""
+    if not shutil.which("taskset"):
+        pytest.skip("no taskset")
+    code = ("from runner.slurm.task import SlurmTask; "
+            "t = SlurmTask.from_environ({'SLURM_JOB_ID': '9'}); print(t.cpus, t.cpus_from)")
+    proc = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "CPU", "affinity"]
 
 
 # --- the options' checks -----------------------------------------------------------------
@@ -315,3 +354,100 @@ def test_cancel_kills_what_is_still_running_after_the_grace(sqlite_queue, monkey
         "SLURM job 12 cancelled: 1 running worker(s) signalled to hand their jobs back, 1 "
         "still running after 0s and killed (their jobs resume from their last checkpoints)"]
     assert slurm.live == {}
+
+
+# --- what a partition of several nodes needs ------------------------------------------------
+
+PG = "postgresql+psycopg://runner:pw@db.cluster/sweep"
+SHARED = ["/shared/runs/m/a", "/shared/runs/m/b"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"checkout": Path("/tmp/checkout")}, "the checkout /tmp/checkout is on a node-local "
+     r"filesystem \(\w+\): run from a checkout on a shared filesystem"),
+    ({"logs": Path("/var/tmp/logs")}, "the log folder /var/tmp/logs is on a node-local "
+     r"filesystem \(\w+\): give --logs on a shared filesystem"),
+    ({"db_url": "postgresql+psycopg://runner:pw@127.0.0.1:5432/sweep"},
+     "the queue's database host is 127.0.0.1: each node would reach only itself; name the "
+     "host by a name every node resolves"),
+    ({"db_url": "postgresql+psycopg://runner:pw@localhost/sweep"},
+     "the queue's database host is localhost: each node"),
+    ({"db_url": "postgresql+psycopg://runner@/sweep"},
+     "the queue's database host is a local socket: each node"),
+    ({"db_url": "postgresql+psycopg://runner@/sweep?host=/var/run/postgresql"},
+     "the queue's database host is a local socket: each node"),
+    ({"environ": {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:8333"}},
+     r"the S3 endpoint \(AWS_ENDPOINT_URL_S3\) is 127.0.0.1: each node"),
+    ({"environ": {"AWS_ENDPOINT_URL": "http://localhost:8333"}},
+     r"the S3 endpoint \(AWS_ENDPOINT_URL\) is localhost: each node"),
+    ({"environ": {"AWS_ENDPOINT_URL": "http://[::1]:8333"}},
+     r"the S3 endpoint \(AWS_ENDPOINT_URL\) is ::1: each node"),
+])
+def test_several_nodes_refuse_node_local_paths_and_localhost_unless_forced(args, message):
+    given = {"db_url": PG, "folders": SHARED, "nodes": 2, "logs": Path("/shared/runs/logs"),
+             "checkout": Path("/shared/checkout"), "environ": {}, **args}
+    with pytest.raises(array.SlurmError) as refused:
+        array.check_multi_node(**given)
+    line = str(refused.value)
+    assert re.match(f"the partition spans 2 nodes, but {message}", line), line
+    assert line.endswith("; --force submits anyway") and "\n" not in line and "pw" not in line
+    array.check_multi_node(**given, force=True)
+    array.check_multi_node(**{**given, "nodes": 1})  # one node: every path and host is its own
+
+
+def test_force_keeps_the_sqlite_refusal_and_shared_settings_pass():
+    with pytest.raises(array.SlurmError, match="SQLite file"):
+        array.check_multi_node("sqlite:////shared/q.sqlite", SHARED, 2, force=True)
+    array.check_multi_node(PG, SHARED, 2, logs=Path("/shared/runs/logs"),
+                           checkout=Path("/shared/checkout"),
+                           environ={"AWS_ENDPOINT_URL": "https://s3.cluster"})
+
+
+# --- what submit checks against the queue ----------------------------------------------------
+
+
+class JobsQueue:
+    def __init__(self, folders):
+        self._jobs = [{"state": "pending", "out_dir": f} for f in folders]
+
+    def jobs(self):
+        return self._jobs
+
+
+def prepare(folders, workers=2, notes=None):
+    return submit.prepare(JobsQueue(folders), PG, SubmitOptions(workers=workers),
+                          "/shared/runs/logs", dry_run=True,
+                          note=(notes if notes is not None else []).append)
+
+
+def test_workers_beyond_the_unfinished_jobs_are_cut_with_a_note(monkeypatch):
+    monkeypatch.setattr(array, "partition_nodes", lambda partition: 1)
+    notes: list[str] = []
+    sub = prepare(["/shared/runs/m/a"], workers=100, notes=notes)
+    assert sub.opts.workers == 1 and "#SBATCH --array=0-0" in sub.script()
+    assert notes == ["note: 100 worker(s) asked for 1 unfinished job(s): submitting 1"]
+    notes.clear()
+    assert prepare(SHARED, workers=2, notes=notes).opts.workers == 2 and notes == []
+
+
+def test_job_folders_in_a_bucket_without_credentials_are_refused_before_submitting(
+        monkeypatch, tmp_path):
+    from runner.bucket import s3
+
+    monkeypatch.setattr(array, "partition_nodes", lambda partition: 1)
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.cluster:8333")
+    s3.forget_client()
+    monkeypatch.setattr(submit.array, "submit", lambda script: pytest.fail("submitted"))
+    try:
+        with pytest.raises(Refused) as refused:
+            prepare(["s3://sweep-bucket/runs/m/a", "s3://sweep-bucket/runs/m/b"])
+    finally:
+        s3.forget_client()
+    assert str(refused.value) == ("job folder s3://sweep-bucket/runs/m/a: no S3 credentials "
+                                  "(set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                                  "AWS_PROFILE)")

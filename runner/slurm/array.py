@@ -15,8 +15,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from db.engine import filesystem_type
 from runner.jobfolders import open_folder
@@ -84,7 +86,10 @@ def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys
     """The sbatch script of a job array of `opts.workers` worker tasks.
 
     `shown_url`: the URL to write in the script's comment (masked); `db_url` is what the
-    workers use, passed explicitly so nothing depends on the submitting shell's $RUNNER_DB.
+    workers use, set explicitly so nothing depends on the submitting shell's $RUNNER_DB.
+    It is exported as $RUNNER_DB inside the (private) script, never put on the worker's
+    command line: every user of a node can read a process's arguments (`ps -eo args`),
+    only its owner its environment.
     `root`: the checkout the tasks run `python -m runner` in.
     """
     array = f"0-{opts.workers - 1}" + (f"%{opts.parallel}" if opts.parallel else "")
@@ -111,11 +116,12 @@ def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys
     lines += [f"#SBATCH {arg}" for arg in opts.sbatch_args]
     # GPU 0 is the first GPU SLURM allocated: it sets CUDA_VISIBLE_DEVICES to those only.
     gpu = "cpu" if opts.cpu else "0"
-    worker = [python, "-m", "runner", "--db", db_url, "worker", "--gpu", gpu,
-              *opts.worker_args]
+    worker = [python, "-m", "runner", "worker", "--gpu", gpu, *opts.worker_args]
     lines += [
         "",
         f"cd {shlex.quote(str(root))}",
+        "# The queue's URL (it may hold a password) in the environment, off the command line.",
+        f"export RUNNER_DB={shlex.quote(db_url)}",
         "# exec: the worker is this batch step's process, so SLURM's signals reach it.",
         "exec " + " ".join(shlex.quote(w) for w in worker),
         "",
@@ -158,22 +164,71 @@ def partition_nodes(partition: str | None) -> int:
     return total
 
 
-def check_multi_node(db_url: str, folders: list[str], nodes: int) -> None:
-    """Workers on several nodes need a queue and job folders every node reaches."""
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+FORCE_HINT = "; --force submits anyway"
+
+
+def check_multi_node(db_url: str, folders: list[str], nodes: int, logs: Path | None = None,
+                     checkout: Path = ROOT, environ: Mapping[str, str] = os.environ,
+                     force: bool = False) -> None:
+    """Workers on several nodes need a queue, job folders, a log folder, a checkout and an
+    S3 endpoint that every node reaches. `force` skips all but the SQLite check (a path that
+    looks node-local may be shared on some clusters, and a name may be every node's own
+    proxy)."""
     if nodes <= 1:
         return
     if db_url.startswith("sqlite"):
         raise SlurmError(f"the partition spans {nodes} nodes, but the queue is a SQLite file "
                          "(one host only): use PostgreSQL (--db postgresql+psycopg://...; "
                          "README, 'Several machines')")
+    if force:
+        return
     for folder in folders:
         if open_folder(folder).on_every_host:  # a bucket: every node reaches it
             continue
-        kind = filesystem_type(Path(folder))
-        if kind in LOCAL_FILESYSTEMS or folder.startswith(("/tmp/", "/dev/shm/")):
+        if kind := node_local(folder):
             raise SlurmError(f"the partition spans {nodes} nodes, but job folder {folder} is "
-                             f"on a node-local filesystem ({kind or 'tmp'}): plan with "
-                             "--out-root on a shared filesystem")
+                             f"on a node-local filesystem ({kind}): plan with "
+                             "--out-root on a shared filesystem" + FORCE_HINT)
+    for what, path, fix in (("the log folder", logs, "give --logs on a shared filesystem"),
+                            ("the checkout", checkout, "run from a checkout on a shared "
+                                                       "filesystem")):
+        if path is not None and (kind := node_local(str(path))):
+            raise SlurmError(f"the partition spans {nodes} nodes, but {what} {path} is on a "
+                             f"node-local filesystem ({kind}): {fix}" + FORCE_HINT)
+    endpoints = [(f"the S3 endpoint ({name})", environ.get(name))
+                 for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")]
+    for what, url in [("the queue's database host", db_url), *endpoints]:
+        host = url_host(url or "")
+        if url == db_url and not host:  # no host: the server's socket on this machine
+            host = "a local socket"
+        if host in LOCAL_HOSTS or host == "a local socket":
+            raise SlurmError(f"the partition spans {nodes} nodes, but {what} is {host}: each "
+                             "node would reach only itself; name the host by a name every "
+                             "node resolves" + FORCE_HINT)
+
+
+def node_local(path: str) -> str | None:
+    """The kind of node-local filesystem `path` is on (tmpfs, tmp), else None."""
+    kind = filesystem_type(Path(path))
+    if kind in LOCAL_FILESYSTEMS:
+        return kind
+    if f"{path.rstrip('/')}/".startswith(("/tmp/", "/dev/shm/", "/var/tmp/")):
+        return kind or "tmp"
+    return None
+
+
+def url_host(url: str) -> str:
+    """The host a URL names, in its netloc or a `host=` query (libpq's), lower case, without
+    brackets; '' for none. A host that is a path is a Unix socket: this machine's."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return ""
+    for query_host in parse_qs(parts.query).get("host", [])[:1]:
+        host = "a local socket" if query_host.startswith("/") else query_host.lower()
+    return host
 
 
 def submit(script: Path) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from db import JobQueue, mask_url
 from db.engine import normalize_url
-from runner.jobfolders import open_folder
+from runner.jobfolders import BadAddress, FolderUnavailable, open_folder
 from runner.slurm import array
 from runner.slurm.array import Refused, SubmitOptions
 
@@ -69,8 +69,9 @@ class Submission:
 
 
 def prepare(queue: JobQueue, url: str, opts: SubmitOptions, logs: str | None, dry_run: bool,
-            note: Callable[[str], None]) -> Submission:
-    """Check a submission; `note` hears what a dry run could not check."""
+            note: Callable[[str], None], force: bool = False) -> Submission:
+    """Check a submission; `note` hears what a dry run could not check and what was changed.
+    `force`: skip the multi-node checks of paths and hosts (array.check_multi_node)."""
     # Running jobs count: one whose worker died is the new workers' to reclaim.
     pending = [j for j in queue.jobs() if j["state"] in ("pending", "running")]
     if not pending:
@@ -90,10 +91,33 @@ def prepare(queue: JobQueue, url: str, opts: SubmitOptions, logs: str | None, dr
     try:
         if not dry_run:
             array.sbatch_path()
-        array.check_multi_node(url, sorted({j["out_dir"] for j in pending}), nodes)
+        array.check_multi_node(url, sorted({j["out_dir"] for j in pending}), nodes,
+                               logs=folder, force=force)
     except array.SlurmError as e:
         raise Refused(str(e)) from None
+    check_buckets([j["out_dir"] for j in pending])
+    if opts.workers > len(pending):  # a worker more than there are jobs would only exit
+        note(f"note: {opts.workers} worker(s) asked for {len(pending)} unfinished job(s): "
+             f"submitting {len(pending)}")
+        opts.workers = len(pending)
     return Submission(opts, url, folder, len(pending))
+
+
+def check_buckets(folders: list[str]) -> None:
+    """Job folders in a bucket are written with the submitting shell's credentials, which the
+    tasks inherit: probe each bucket once, as `plan` does, so that a missing or refused key
+    is one line now rather than every task failing."""
+    probed: set[str] = set()
+    for address in folders:
+        folder = open_folder(address)
+        bucket = address.split("/")[2] if folder.on_every_host else ""
+        if not folder.on_every_host or bucket in probed:
+            continue
+        probed.add(bucket)
+        try:
+            folder.check_root()
+        except (BadAddress, FolderUnavailable) as e:
+            raise Refused(f"job folder {e}") from None
 
 
 def submit(queue: JobQueue, sub: Submission) -> tuple[str, Path]:

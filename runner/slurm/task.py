@@ -11,6 +11,7 @@ and `scontrol requeue` would undo a user's cancel.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 from collections.abc import Mapping
@@ -31,8 +32,9 @@ class SlurmTask:
     launch_id: str              # the array's job id, as `sbatch` printed it (else job_id)
     array_task: str | None      # $SLURM_ARRAY_TASK_ID
     restarts: int               # $SLURM_RESTART_COUNT: how often SLURM requeued it
-    cpus: int | None            # $SLURM_CPUS_PER_TASK
+    cpus: int | None            # the CPUs SLURM allocated to the task (cpu_allocation)
     gpus: str | None            # the GPUs SLURM allocated, as SLURM numbers them ("0", "1,3")
+    cpus_from: str = ""         # where `cpus` came from, for the worker's log line
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str]) -> SlurmTask | None:
@@ -40,7 +42,7 @@ class SlurmTask:
         job_id = env.get("SLURM_JOB_ID")
         if not job_id:
             return None
-        cpus = env.get("SLURM_CPUS_PER_TASK", "")
+        cpus, cpus_from = cpu_allocation(env)
         # SLURM_JOB_GPUS names the allocated GPUs in a batch step; SLURM_STEP_GPUS in an
         # srun step; CUDA_VISIBLE_DEVICES is what SLURM exported for either.
         gpus = (env.get("SLURM_JOB_GPUS") or env.get("SLURM_STEP_GPUS")
@@ -48,7 +50,7 @@ class SlurmTask:
         return cls(job_id=job_id, launch_id=env.get("SLURM_ARRAY_JOB_ID") or job_id,
                    array_task=env.get("SLURM_ARRAY_TASK_ID"),
                    restarts=int(env.get("SLURM_RESTART_COUNT") or 0),
-                   cpus=int(cpus) if cpus.isdigit() else None, gpus=gpus)
+                   cpus=cpus, cpus_from=cpus_from, gpus=gpus)
 
     @property
     def array(self) -> str:
@@ -82,6 +84,41 @@ class SlurmTask:
         if proc.returncode == 0:
             return None
         return (proc.stderr or proc.stdout).strip() or f"scontrol exited {proc.returncode}"
+
+
+def cpu_allocation(env: Mapping[str, str]) -> tuple[int | None, str]:
+    """The CPUs SLURM gave this task, and where that was read: $SLURM_CPUS_PER_TASK (set only
+    with --cpus-per-task), else $SLURM_CPUS_ON_NODE shared by the tasks on the node, else
+    the CPUs this process may run on (SLURM's cgroup or affinity). Without it torch would
+    start a thread per core of the node while SLURM allocated one."""
+    per_task = env.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        return int(per_task), "SLURM_CPUS_PER_TASK"
+    on_node = env.get("SLURM_CPUS_ON_NODE", "")
+    # '2(x3)' or '2,1': the first number is this node's when the job is on one node.
+    tasks = (env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+             or "1").split("(")[0].split(",")[0]
+    if on_node.isdigit() and int(on_node) > 0:
+        n = int(tasks) if tasks.isdigit() and int(tasks) > 0 else 1
+        return max(1, int(on_node) // n), "SLURM_CPUS_ON_NODE" + (f"/{n} tasks" if n > 1 else "")
+    try:
+        return len(os.sched_getaffinity(0)), "CPU affinity"
+    except (AttributeError, OSError):  # not on Linux
+        return None, ""
+
+
+def threads_line(given: int | None, task: SlurmTask | None) -> str:
+    """', 4 threads (SLURM_CPUS_PER_TASK)' for the worker's first log line: the threads it
+    trains with and where that number came from ('' for torch's default)."""
+    if given:
+        return f", {threads(given)} (--threads)"
+    if task and task.cpus:
+        return f", {threads(task.cpus)} ({task.cpus_from})"
+    return ""
+
+
+def threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
 
 
 def log_line(task: SlurmTask | None) -> str:
