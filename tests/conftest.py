@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
@@ -30,6 +31,11 @@ from tests import pgbouncer, pgserver, s3server
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 BACKENDS = ["sqlite", "postgresql"]
+
+# `pytest --hypothesis-profile=long`: the model-based queue test (test_queue_model.py) at
+# length, far past its CI budget. Registered here: pytest loads the profile before it
+# imports any test module.
+settings.register_profile("long", max_examples=300, stateful_step_count=60, deadline=None)
 
 
 @contextlib.contextmanager
