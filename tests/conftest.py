@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 from db import JobQueue, connect
 from testing import pgbouncer, pgserver, s3server
@@ -27,6 +28,11 @@ from tests.support.skips import throwaway_server
 # Fixtures that start a server or need a facility of the machine (root: mount, ip netns).
 SERVER_FIXTURES = {"pg_server_url", "pgbouncer_url", "pg_cluster", "s3_server", "slurm_conf",
                    "netns", "lan_namespace", "small_disk", "archived"}
+
+# `pytest --hypothesis-profile=long`: the model-based queue test (test_queue_model.py) at
+# length, far past its CI budget. Registered here: pytest loads the profile before it
+# imports any test module.
+settings.register_profile("long", max_examples=300, stateful_step_count=60, deadline=None)
 
 
 def needs_a_server(item: pytest.Item) -> bool:
