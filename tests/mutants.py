@@ -237,6 +237,12 @@ MUTANTS = [
            "if self.stopping.is_set() and signum == signal.SIGINT:",
            "if self.stopping.is_set():",
            ("tests/test_worker_signals.py", "-k", "second_sigterm")),
+    Mutant("the readers' bucket cache knows a re-uploaded object by its ETag",
+           "runner/bucket/view.py",
+           "wanted = [key, tags.get(job.join(key).key)]",
+           "wanted = (index.get(relative) if (index.get(relative) or [None])[0] == key\n"
+           "                  else [key, None])",
+           ("tests/test_jobfolder_contract.py", "-k", "rewrites")),
     Mutant("a busy folder hands the job back, not failed", "runner/worker.py",
            "        if result is None and busy:\n", "        if False:\n",
            (WORKER_INPROCESS, "-k", "busy_folder and sqlite")),

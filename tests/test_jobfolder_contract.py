@@ -100,6 +100,22 @@ def test_what_an_attempt_closes_readers_see_and_the_next_attempt_resumes(address
     assert readable(address) == written
 
 
+def test_readers_see_files_an_attempt_rewrites_while_it_runs(address, tmp_path):
+    """The metrics and the log grow under the same name (in a bucket: the same key, uploaded
+    again): a reader that read them once sees the new content, not its first copy."""
+    folder, path = attempt(address, 1, tmp_path / "host-a")
+    first = train(path, 10, accuracy=0.5)
+    folder.save()
+    assert readable(address) == first
+    second = train(path, 20, accuracy=0.75)
+    folder.save()
+    seen = readable(address)
+    assert seen[METRICS_FILE] == second[METRICS_FILE] != first[METRICS_FILE]
+    assert seen[LOG_FILE] == b"trained to step 10\ntrained to step 20\n"
+    assert seen == second
+    folder.close(fenced=False)
+
+
 def test_a_folder_moved_aside_leaves_room_for_a_new_run_and_gc_lists_it(address, tmp_path):
     assert move_aside(address) is None  # no folder yet: nothing to move
     folder, path = attempt(address, 1, tmp_path / "host")
