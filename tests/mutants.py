@@ -243,6 +243,10 @@ MUTANTS = [
            "wanted = (index.get(relative) if (index.get(relative) or [None])[0] == key\n"
            "                  else [key, None])",
            ("tests/test_jobfolder_contract.py", "-k", "rewrites")),
+    Mutant("a bucket folder's first head is written only if none is there",
+           "runner/bucket/jobfolder.py",
+           "if_match=head.etag, if_absent=head.etag is None)", "if_match=head.etag)",
+           ("tests/test_bucket_heads.py", "-k", "read_no_head")),
     Mutant("a busy folder hands the job back, not failed", "runner/worker.py",
            "        if result is None and busy:\n", "        if False:\n",
            (WORKER_INPROCESS, "-k", "busy_folder and sqlite")),
