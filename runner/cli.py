@@ -432,9 +432,17 @@ def pause(ctx, now):
 @cli.command()
 @click.pass_context
 def resume(ctx):
-    """Lift a pause: workers claim again."""
-    was = open_queue(ctx).resume()
+    """Lift a pause: workers claim again.
+
+    Workers started without --wait (SLURM array tasks among them) exit when they find the
+    queue paused: when no worker is left, resume says so, as nothing will claim."""
+    queue = open_queue(ctx)
+    was = queue.resume()
     click.echo("queue resumed" if was else "the queue was not paused")
+    if was and not any(w["alive"] for w in queue.workers()):
+        click.echo("note: no worker is running (workers without --wait, SLURM array tasks "
+                   "too, exit when they find the queue paused): start workers again "
+                   "(make workers, python -m runner slurm submit)")
 
 
 BY_OPTION = click.option(

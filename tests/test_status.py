@@ -64,3 +64,17 @@ def test_state_limit_and_offset_page_through_the_jobs(queue, db_url):
     assert json.loads(proc.stdout)["jobs_matched"] == 30
     bad = cli(db_url, "status", "--state", "done")
     assert bad.returncode == 2 and "--state" in bad.stderr
+
+
+def test_resume_says_when_no_worker_is_left_to_claim(queue, db_url):
+    queue.plan(rows("V=5", "N=256"))
+    queue.pause()
+    lines = cli(db_url, "resume").stdout.splitlines()
+    assert lines == ["queue resumed",
+                     "note: no worker is running (workers without --wait, SLURM array tasks "
+                     "too, exit when they find the queue paused): start workers again "
+                     "(make workers, python -m runner slurm submit)"]
+    queue.pause()
+    queue.register_worker("elsewhere:cpu:1", "elsewhere", 1, None, "cpu", 600)  # waiting
+    assert cli(db_url, "resume").stdout.splitlines() == ["queue resumed"]
+    assert cli(db_url, "resume").stdout.splitlines() == ["the queue was not paused"]
