@@ -117,6 +117,7 @@ def test_status_lines_from_the_records_squeue_sacct_and_workers():
                           job="table_V5_run1"),
                worker_row("n1:0:13", "120_3", gpus="1"),
                worker_row("n1:0:14", "120_9", gpus=None),      # squeue and sacct forgot it
+               worker_row("n1:0:16", "120_1", state="busy", dead="its process 16 is gone"),
                worker_row("n1:cpu:15", None)]                  # not a SLURM worker
     lines = launches.describe(recorded, array.parse_tasks(["120", "131"], SQUEUE, SACCT),
                               workers)
@@ -127,14 +128,17 @@ def test_status_lines_from_the_records_squeue_sacct_and_workers():
         "  script /runs/logs/slurm-workers-1.sh",
         "  task 120_0: running 1:02 (node1); worker n1:0:12 (live, GPUs 0, restarts 1, "
         "job table_V5_run1)",
-        "  task 120_1: running 0:40 (node1); no worker yet",
+        "  task 120_1: running 0:40 (node1); worker n1:0:16 (dead: its process 16 is gone, "
+        "GPUs 0, restarts 0)",
         "  task 120_2: pending 0:00 ((Resources)); no worker yet",
         "  task 120_3: completed 00:05:00 (exit 0:0); worker n1:0:13 (exited, GPUs 1, "
         "restarts 0)",
         "  task 120_4: cancelled 00:00:10 (exit 0:15); no worker yet",
-        "  task 120_9: not in squeue; worker n1:0:14 (exited, GPUs -, restarts 0)",
-        f"SLURM job 131: 1 task(s), cancelled "
-        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at + 30))}; ",
+        "  task 120_9: in neither squeue nor sacct (SLURM forgot it); worker n1:0:14 (exited, "
+        "GPUs -, restarts 0)",
+        f"SLURM job 131: 1 task(s), submitted "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at + 30))}, cancelled "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at + 60))}; ",
         "  script /runs/logs/slurm-workers-2.sh",
         "  task 131_0: failed 00:00:01 (exit 1:0); no worker yet",
     ]
@@ -150,6 +154,27 @@ class FakeQueue:
 
 def test_status_without_launches_says_how_to_make_one():
     assert launches.status(FakeQueue(), note=print) == [launches.NO_LAUNCHES]
+
+
+def test_status_judges_a_worker_whose_process_is_gone_dead_as_status_does(monkeypatch):
+    """A task's worker killed with SIGKILL was seen a moment ago: `slurm status` must not
+    call it live while `status` marks its job STALE."""
+    import subprocess
+
+    from runner.liveness import HOST
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    at = 1_700_000_000
+    queue = FakeQueue([{"job_id": "120", "tasks": 1, "cancelled_at": None, "at": at,
+                        "script": "s.sh", "detail": {}}])
+    queue.workers = lambda: [worker_row(f"{HOST}:0:{gone.pid}", "120_0", alive=True,
+                                        state="busy", process=None)]
+    monkeypatch.setattr(array, "tasks", lambda ids: {"120": []})
+    lines = launches.status(queue, note=print)
+    assert lines[-1] == (f"  task 120_0: in neither squeue nor sacct (SLURM forgot it); "
+                         f"worker {HOST}:0:{gone.pid} (dead: its process {gone.pid} is gone, "
+                         "GPUs 0, restarts 0)")
 
 
 def test_a_tasks_log_line_names_its_job_array_restarts_and_gpus():

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from db import JobQueue
 from runner.slurm import array
 from runner.slurm.array import Refused
+from runner.status import judge_workers
 
 NO_LAUNCHES = "no SLURM launches recorded for this queue (python -m runner slurm submit)"
 
@@ -24,7 +25,9 @@ def status(queue: JobQueue, note: Callable[[str], None]) -> list[str]:
     except array.SlurmError as e:
         found = {}
         note(f"({e}; showing the queue's records only)")
-    return describe(launches, found, queue.workers())
+    # The liveness `status` judges by: a worker of this host whose process is gone is dead,
+    # however recently it was seen.
+    return describe(launches, found, judge_workers(queue.workers()))
 
 
 def describe(launches: list[dict], found: dict[str, list[dict]],
@@ -37,10 +40,10 @@ def describe(launches: list[dict], found: dict[str, list[dict]],
             by_task[w["slurm_array"]].append(w)
     lines = []
     for la in launches:
-        state = "cancelled" if la["cancelled_at"] else "submitted"
-        lines.append(f"SLURM job {la['job_id']}: {la['tasks']} task(s), {state} "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(la['at']))}; "
-                     f"{array.describe_detail(la['detail'])}")
+        cancelled = (f", cancelled {_clock(la['cancelled_at'])}" if la["cancelled_at"]
+                     else "")
+        lines.append(f"SLURM job {la['job_id']}: {la['tasks']} task(s), submitted "
+                     f"{_clock(la['at'])}{cancelled}; {array.describe_detail(la['detail'])}")
         lines.append(f"  script {la['script']}")
         tasks = {t["task"]: t for t in found.get(la["job_id"], [])}
         names = sorted(set(tasks) | {a for a in by_task if a.split("_")[0] == la["job_id"]},
@@ -51,15 +54,21 @@ def describe(launches: list[dict], found: dict[str, list[dict]],
     return lines
 
 
+def _clock(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
 def _where(task: dict | None) -> str:
     return f"{task['state'].lower()} {task['time']} ({task['reason']})" if task else \
-        "not in squeue"
+        "in neither squeue nor sacct (SLURM forgot it)"
 
 
 def _who(worker: dict | None) -> str:
     if worker is None:
         return "no worker yet"
-    return (f"worker {worker['name']} ({'live' if worker['alive'] else worker['state']}"
+    life = ("live" if worker["alive"] else f"dead: {worker['dead']}" if worker.get("dead")
+            else worker["state"])
+    return (f"worker {worker['name']} ({life}"
             f", GPUs {worker['gpus'] or '-'}, restarts {worker['slurm_restarts']}"
             + (f", job {worker['job']}" if worker["job"] else "") + ")")
 
