@@ -432,11 +432,12 @@ class JobQueue:
         if not self._conditional(claim, "fail", values, {"error": error}):
             raise LeaseLost(f"{claim.name}: lease lost; failure not recorded")
 
-    def release(self, claim: Claim, step: int) -> None:
-        """Back to pending after a graceful stop; the attempt is not counted."""
+    def release(self, claim: Claim, step: int, why: dict | None = None) -> None:
+        """Back to pending after a graceful stop; the attempt is not counted. `why` (e.g.
+        {"reason": "signal SIGTERM", "slurm_task": "120_3"}) goes into the event."""
         values = {"state": "pending", "lease_token": None, "step": step,
                   "attempts": Job.attempts - 1, "heartbeat_at": None, "stop_request": None}
-        if not self._conditional(claim, "release", values, {"step": step}):
+        if not self._conditional(claim, "release", values, {"step": step, **(why or {})}):
             raise LeaseLost(f"{claim.name}: lease lost; not released")
 
     def cancelled(self, claim: Claim, step: int) -> None:

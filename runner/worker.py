@@ -455,7 +455,7 @@ class Worker:
         if control.lost.is_set():
             return "lost"  # fenced out: another worker owns the job now
         if result is None and busy:
-            self.queue.release(claim, claim.step)
+            self.queue.release(claim, claim.step, self.why("another process holds the folder"))
             self.stopping.wait(self.lease / 4)  # let the other holder finish
             return "stopped"
         if result is None:
@@ -475,7 +475,8 @@ class Worker:
             log.info("%s: cancelled at step %d", claim.name, result.step)
             job_log(claim, f"job cancelled at step {result.step}")
             return "cancelled"
-        self.queue.release(claim, result.step)
+        self.queue.release(claim, result.step, self.why(
+            "pause --now" if control.request == "pause" else None))
         log.info("%s: back to pending at step %d", claim.name, result.step)
         job_log(claim, f"job back to pending at step {result.step}")
         return "stopped"
@@ -497,8 +498,17 @@ class Worker:
         self.folder_error, self.current = error, None
         self.stopping.set()
         with contextlib.suppress(LeaseLost):
-            self.queue.release(claim, step)
+            self.queue.release(claim, step, self.why(f"job folder unusable: {error}"))
         return "stopped"
+
+    def why(self, reason: str | None) -> dict:
+        """Why a job is handed back, for its release event: the reason given, else the signal
+        that stopped the worker (a preemption, a time limit, scancel, Ctrl-C), else the
+        database gone (checkpointed before the budget ran out); and the SLURM task."""
+        reason = (reason or (f"signal {self.stopped_by}" if self.stopped_by else None)
+                  or "stopped")
+        return {"reason": reason, **({"slurm_task": self.slurm.array}
+                                     if self.slurm and self.slurm.array else {})}
 
 
 def held_message(held: list[dict], waiting: bool) -> str:

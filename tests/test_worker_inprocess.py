@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from runner.slurm.task import SlurmTask
 from runner.worker import Worker
 from tests.support.commands import PYTHON, ROOT
 from tests.support.standin import METRICS, STEP_FILE, StandIn, row
@@ -67,6 +68,7 @@ def test_a_stop_mid_job_hands_it_back_at_the_reported_step_and_it_resumes_there(
                                                                                tmp_path):
     def at_step(step):
         if step == 3:  # what a SIGTERM does (Worker.install_signal_handlers)
+            worker.stopped_by = "SIGTERM"
             worker.stopping.set()
             worker.stop_job.set()
 
@@ -76,7 +78,7 @@ def test_a_stop_mid_job_hands_it_back_at_the_reported_step_and_it_resumes_there(
     assert worker.outcomes == ["stopped"]
     got = only_job(queue)
     assert (got["state"], got["step"], got["attempts"]) == ("pending", 3, 0)
-    assert details(queue, "release") == [{"step": 3}]
+    assert details(queue, "release") == [{"step": 3, "reason": "signal SIGTERM"}]
     assert "job back to pending at step 3" in (tmp_path / "a" / LOG_FILE).read_text()
 
     heir = StandIn()
@@ -117,13 +119,20 @@ def test_a_stop_asked_through_the_queue_reaches_the_job(queue, tmp_path, ask, st
             queue.cancel(["a"])
 
     queue.plan([row("a", tmp_path / "a", steps=100)])
-    worker = Worker(queue, "cpu", 30, job=StandIn(at_step, seconds_per_step=0.05))
+    # A worker of a SLURM array task: the release says which task handed the job back.
+    task = SlurmTask.from_environ({"SLURM_JOB_ID": "123", "SLURM_ARRAY_JOB_ID": "120",
+                                   "SLURM_ARRAY_TASK_ID": "3", "SLURM_CPUS_PER_TASK": "1"})
+    worker = Worker(queue, "cpu", 30, slurm=task,
+                    job=StandIn(at_step, seconds_per_step=0.05))
     assert worker.run() == 1
     assert worker.outcomes == [outcome]
     got = only_job(queue)
     stopped_at = int((tmp_path / "a" / STEP_FILE).read_text())
     assert 2 <= stopped_at < 100  # asked before step 2; the answer to a write carries it
     assert (got["state"], got["step"], got["attempts"]) == (state, stopped_at, 0)
+    if ask == "pause":
+        assert details(queue, "release") == [{"step": stopped_at, "reason": "pause --now",
+                                              "slurm_task": "120_3"}]
 
 
 def test_a_busy_folder_hands_the_job_back(queue, tmp_path):
@@ -136,7 +145,8 @@ def test_a_busy_folder_hands_the_job_back(queue, tmp_path):
     assert worker.outcomes == ["stopped"] and not worker.all_failed
     got = only_job(queue)
     assert (got["state"], got["step"], got["attempts"], got["error"]) == ("pending", 0, 0, None)
-    assert details(queue, "release") == [{"step": 0}]
+    assert details(queue, "release") == [{"step": 0,
+                                          "reason": "another process holds the folder"}]
     assert "is in use by another process; job handed back" in (
         tmp_path / "a" / LOG_FILE).read_text()
 
