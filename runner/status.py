@@ -156,7 +156,10 @@ def status_text(snap: dict, where: str, listing: Listing = Listing()) -> str:
                                          "elapsed", "heartbeat", "ETA"], rows)]
         if any(j["stale"] for j in running):
             out.append("stale jobs are taken over by the next worker that looks for work "
-                       "(at once on their own host), or: requeue --name NAME")
+                       "(at once on their own host), or: requeue --name NAME" if live else
+                       "stale jobs: no worker is running to take them over; start one "
+                       "(make workers, python -m runner slurm submit), or: requeue --name "
+                       "NAME")
     failed = [j for j in jobs if j["state"] == "failed"]
     if failed:
         rows = [[j["name"], str(j["attempts"]), _first_line(j["error"])]

@@ -326,7 +326,9 @@ class Worker:
                         self.rest(idle)
                         continue
                     held = self.queue.held_elsewhere(self.name)
-                    if not wait:
+                    # A SLURM array task waits out the leases of jobs others hold: its
+                    # holder may be dead, and the array must not end before the sweep.
+                    if not wait and not (self.slurm and held):
                         log.info("nothing left to claim%s; %d job(s) run by this worker",
                                  held_message(held, waiting=False), len(self.outcomes))
                         break

@@ -78,3 +78,18 @@ def test_resume_says_when_no_worker_is_left_to_claim(queue, db_url):
     queue.register_worker("elsewhere:cpu:1", "elsewhere", 1, None, "cpu", 600)  # waiting
     assert cli(db_url, "resume").stdout.splitlines() == ["queue resumed"]
     assert cli(db_url, "resume").stdout.splitlines() == ["the queue was not paused"]
+
+
+def test_a_stale_job_is_promised_a_takeover_only_by_a_live_worker(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    queue.claim("elsewhere:cpu:1", 0.2)   # silent past its lease at once
+    import time
+
+    time.sleep(0.5)
+    text = status_text(snapshot(queue), "q")
+    assert ("stale jobs: no worker is running to take them over; start one (make workers, "
+            "python -m runner slurm submit), or: requeue --name NAME") in text.splitlines()
+    queue.register_worker("other:cpu:2", "other", 2, None, "cpu", 600)
+    text = status_text(snapshot(queue), "q")
+    assert ("stale jobs are taken over by the next worker that looks for work (at once on "
+            "their own host), or: requeue --name NAME") in text.splitlines()

@@ -192,3 +192,21 @@ def test_importing_the_worker_imports_no_torch():
 def test_a_worker_with_a_stand_in_job_never_imports_torch(tmp_path):
     url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
     assert python(STANDIN_WORKER, url, json.dumps(row("a", tmp_path / "a"))) == "[]"
+
+
+def test_a_slurm_task_waits_out_a_job_another_worker_holds_and_takes_it_over(queue,
+                                                                            tmp_path):
+    """An array must not end before the sweep: a task with nothing to claim while another
+    worker holds a job waits for that lease (its holder may be dead), then takes the job
+    over. A worker outside SLURM without --wait leaves at once."""
+    queue.plan([row("a", tmp_path / "a")])
+    queue.claim("elsewhere:cpu:1", 1.5)          # silent from now on: its lease runs out
+    plain = Worker(queue, "cpu", 30, job=StandIn())
+    assert plain.run() == 0 and plain.outcomes == []
+    task = SlurmTask.from_environ({"SLURM_JOB_ID": "123", "SLURM_ARRAY_JOB_ID": "120",
+                                   "SLURM_ARRAY_TASK_ID": "1", "SLURM_CPUS_PER_TASK": "1"})
+    heir = Worker(queue, "cpu", 30, slurm=task, job=StandIn())
+    assert heir.run(poll=0.2) == 1
+    assert heir.outcomes == ["completed"]
+    got = only_job(queue)
+    assert (got["state"], got["worker"], got["claims"]) == ("succeeded", heir.name, 2)
