@@ -746,7 +746,8 @@ def slurm():
               help="Each task's time limit, as sbatch takes it: MINUTES, MM:SS, HH:MM:SS, "
                    "D-HH, D-HH:MM or D-HH:MM:SS. A worker stopped by it requeues itself.")
 @click.option("--gpus-per-worker", type=click.IntRange(min=0), default=None,
-              help="--gres=gpu:K per task [default: 1; 0 with --cpu].")
+              help="--gres=gpu:K per task: 1 (a worker trains on one GPU), or 0 with --cpu "
+                   "[default: 1; 0 with --cpu].")
 @click.option("--cpus-per-worker", type=click.IntRange(min=1), default=None,
               help="--cpus-per-task; the worker uses that many threads.")
 @click.option("--mem", default=None,
@@ -788,6 +789,7 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
     try:
         limit = submit.time_limit(time_limit, grace)
         submit.check_memory(mem)
+        submit.check_gpus(gpus_per_worker, cpu)
     except Refused as e:
         raise BadInput(str(e)) from None
     url = submit.absolute_sqlite_url(ctx.obj["db"])

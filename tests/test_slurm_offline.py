@@ -279,6 +279,14 @@ def test_bad_time_or_memory_is_refused_in_one_line_before_anything_is_written(tm
     assert refused_line(cli(url, "slurm", "submit", "--workers", "1", "--mem", "lots")) == (
         "error: --mem 'lots': expected a size as sbatch takes it: megabytes, or a number "
         "with K, M, G or T (16G)")
+    assert refused_line(cli(url, "slurm", "submit", "--workers", "1", "--gpus-per-worker",
+                            "2")) == (
+        "error: --gpus-per-worker 2: a worker trains on one GPU; ask for one per worker and "
+        "more workers (--workers)")
+    assert refused_line(cli(url, "slurm", "submit", "--workers", "1", "--gpus-per-worker",
+                            "0")) == (
+        "error: --gpus-per-worker 0 without --cpu: the workers would look for a GPU they "
+        "were not given; add --cpu to train on the CPU")
     assert list(tmp_path.iterdir()) == []  # no queue, no script, no logs folder
 
 

@@ -42,6 +42,17 @@ def check_memory(value: str | None) -> None:
                       "number with K, M, G or T (16G)")
 
 
+def check_gpus(gpus_per_worker: int | None, cpu: bool) -> None:
+    """A worker trains on one GPU, or on the CPU with --cpu: what else would be asked for
+    would sit idle (several GPUs) or leave the worker looking for a GPU it has not got."""
+    if gpus_per_worker is not None and gpus_per_worker > 1:
+        raise Refused(f"--gpus-per-worker {gpus_per_worker}: a worker trains on one GPU; "
+                      "ask for one per worker and more workers (--workers)")
+    if gpus_per_worker == 0 and not cpu:
+        raise Refused("--gpus-per-worker 0 without --cpu: the workers would look for a GPU "
+                      "they were not given; add --cpu to train on the CPU")
+
+
 def absolute_sqlite_url(url: str) -> str:
     """A SQLite URL with an absolute path: the tasks run in another folder."""
     url = normalize_url(url)
