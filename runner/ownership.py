@@ -38,20 +38,21 @@ def why_foreign(address: str, found: dict | str) -> str:
     return f"job folder {address} belongs to another queue (id {found.get('queue')})"
 
 
-def claim_folder(folder: JobFolder, queue_id: str | None, job: str, attempt: int) -> None:
+def claim_folder(folder: JobFolder, queue_id: str | None, job: str, attempt: int,
+                 step: int = 0) -> None:
     """Before an attempt uses the folder: ForeignFolder if it is another queue's, else its
     marker is written if it has none.
 
-    A folder with a job's files but no marker is this queue's only after its first attempt
-    (a queue planned before markers, its folder made by an earlier attempt); on the first,
-    the files are someone else's: planned with --adopt-folders, the folder would carry this
-    queue's marker already."""
+    A folder with a job's files but no marker is this queue's only once the queue knows the
+    job ran (a later attempt, or progress recorded: a queue planned before markers, its
+    folder made by an earlier attempt); on a first attempt from step 0 the files are someone
+    else's: planned with --adopt-folders, the folder would carry this queue's marker."""
     if queue_id is None:  # a database from before queues had an identity: nothing to compare
         return
     for _ in range(2):  # a second look when another worker wrote the marker meanwhile
         found = folder.read_marker()
         if found is None:
-            if attempt <= 1 and folder.holds_job_files():
+            if attempt <= 1 and step == 0 and folder.holds_job_files():
                 raise ForeignFolder(f"{why_foreign(folder.address, UNMARKED)}: {WAYS_OUT}")
             if folder.write_marker(marker(queue_id, job)):
                 return

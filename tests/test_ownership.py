@@ -81,9 +81,14 @@ def test_a_job_files_folder_without_a_marker_is_foreign_on_a_first_attempt_only(
     with pytest.raises(ForeignFolder, match="holds a job's files but no queue marker"):
         claim_folder(folder, "q1", "job", 1)
     assert folder.read_marker() is None
-    # A later attempt of a queue planned before markers: its own folder, marked now.
-    claim_folder(folder, "q1", "job", 2)
+    # A queue planned before markers that knows the job ran (progress recorded, its attempt
+    # handed back), or a later attempt: its own folder, marked now.
+    claim_folder(folder, "q1", "job", 1, step=3)
     assert folder.read_marker() == marker("q1", "job")
+    later = address + "-2"
+    old_run(later, tmp_path / "cache")
+    claim_folder(open_folder(later), "q1", "job", 2)
+    assert open_folder(later).read_marker() == marker("q1", "job")
 
 
 def test_an_adopted_bucket_folder_is_not_fenced_by_the_old_queues_attempts(s3_server,
