@@ -97,15 +97,16 @@ class JobFolder(ABC):
     # --- whose folder it is (runner.ownership) ----------------------------------------------
 
     @abstractmethod
-    def read_marker(self) -> dict | None:
-        """The folder's marker, None when it has none (FolderUnavailable: it cannot be read)."""
+    def read_marker(self, budget: float = 0.0) -> dict | None:
+        """The folder's marker, None when it has none (FolderUnavailable: it cannot be read,
+        transient errors retried for `budget` seconds)."""
 
     @abstractmethod
-    def holds_job_files(self) -> bool:
+    def holds_job_files(self, budget: float = 0.0) -> bool:
         """Whether the folder holds a job's files (config, states, metrics)."""
 
     @abstractmethod
-    def write_marker(self, marker: dict, replace: bool = False) -> bool:
+    def write_marker(self, marker: dict, replace: bool = False, budget: float = 0.0) -> bool:
         """Write the marker whole, at once; unless `replace`, only where there is none yet:
         False when one was there already."""
 

@@ -77,7 +77,7 @@ class LocalFolder(JobFolder):
         collect_local_job(queue, job, found, dry_run=dry_run,
                           replaced=[Path(p) for p in self.replaced()] if replaced else [])
 
-    def read_marker(self) -> dict | None:
+    def read_marker(self, budget: float = 0.0) -> dict | None:
         try:
             return json.loads((self.path / MARKER).read_text())
         except FileNotFoundError:
@@ -86,10 +86,10 @@ class LocalFolder(JobFolder):
             raise FolderUnavailable(f"{self.path / MARKER}: cannot be read: "
                                     f"{getattr(e, 'strerror', None) or e}") from None
 
-    def holds_job_files(self) -> bool:
+    def holds_job_files(self, budget: float = 0.0) -> bool:
         return any((self.path / name).exists() for name in JOB_FILES)
 
-    def write_marker(self, marker: dict, replace: bool = False) -> bool:
+    def write_marker(self, marker: dict, replace: bool = False, budget: float = 0.0) -> bool:
         target = self.path / MARKER
         temp = self.path / f".{MARKER}.{os.getpid()}.tmp"  # gc's temp-file pattern
         try:

@@ -39,9 +39,10 @@ def why_foreign(address: str, found: dict | str) -> str:
 
 
 def claim_folder(folder: JobFolder, queue_id: str | None, job: str, attempt: int,
-                 step: int = 0) -> None:
+                 step: int = 0, budget: float = 0.0) -> None:
     """Before an attempt uses the folder: ForeignFolder if it is another queue's, else its
-    marker is written if it has none.
+    marker is written if it has none. A bucket's transient errors are retried for `budget`
+    seconds (FolderUnavailable past it).
 
     A folder with a job's files but no marker is this queue's only once the queue knows the
     job ran (a later attempt, or progress recorded: a queue planned before markers, its
@@ -50,11 +51,11 @@ def claim_folder(folder: JobFolder, queue_id: str | None, job: str, attempt: int
     if queue_id is None:  # a database from before queues had an identity: nothing to compare
         return
     for _ in range(2):  # a second look when another worker wrote the marker meanwhile
-        found = folder.read_marker()
+        found = folder.read_marker(budget)
         if found is None:
-            if attempt <= 1 and step == 0 and folder.holds_job_files():
+            if attempt <= 1 and step == 0 and folder.holds_job_files(budget):
                 raise ForeignFolder(f"{why_foreign(folder.address, UNMARKED)}: {WAYS_OUT}")
-            if folder.write_marker(marker(queue_id, job)):
+            if folder.write_marker(marker(queue_id, job), budget=budget):
                 return
             continue
         if is_foreign(found, queue_id):

@@ -378,7 +378,8 @@ class Worker:
         try:
             # Another queue's folder (its database made again, say) is never taken over
             # unasked: the job fails with the reason, it is not retried.
-            claim_folder(folder, self.queue_id(), claim.name, claim.attempt, claim.step)
+            claim_folder(folder, self.queue_id(), claim.name, claim.attempt, claim.step,
+                         self.queue.outages.budget)
         except ForeignFolder as e:
             log.error("%s: failed: %s", claim.name, e)
             try:

@@ -10,6 +10,7 @@ has no rename; gc deletes only objects no head can name again (jobfolder.unrefer
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from runner.bucket.sync import JobSync
 from runner.bucket.view import local_folder
 from runner.jobfolders import EMPTY, MARKER, UNMARKED, JobFolder, aside_names, is_replaced
 from trainer.files import STATE_DIR
+
+log = logging.getLogger("runner.bucket")
 
 
 class BucketFolder(JobFolder):
@@ -106,32 +109,32 @@ class BucketFolder(JobFolder):
 
     # --- whose folder it is ------------------------------------------------------------------
 
-    def read_marker(self) -> dict | None:
+    def read_marker(self, budget: float = 0.0) -> dict | None:
         where = self.folder.join(MARKER)
+        found = self._retry(lambda: s3.get(where), budget)
         try:
-            found = s3.get(where)
             return None if found is None else json.loads(found[0])
         except ValueError as e:
             raise s3.BucketError(f"{where.url}: not a marker: {e}") from None
-        except Exception as e:  # botocore's
-            raise s3.BucketError(s3.describe(e, where.url)) from None
 
-    def holds_job_files(self) -> bool:
-        try:
-            return any(key != self.folder.join(MARKER).key
-                       for key in s3.sizes(self.folder))
-        except Exception as e:  # botocore's
-            raise s3.BucketError(s3.describe(e, self.folder.url)) from None
+    def holds_job_files(self, budget: float = 0.0) -> bool:
+        marker = self.folder.join(MARKER).key
+        return any(key != marker for key in self._retry(lambda: s3.sizes(self.folder), budget))
 
-    def write_marker(self, marker: dict, replace: bool = False) -> bool:
+    def write_marker(self, marker: dict, replace: bool = False, budget: float = 0.0) -> bool:
         where = self.folder.join(MARKER)
         try:
-            s3.put(where, json.dumps(marker).encode(), if_absent=not replace)
+            self._retry(lambda: s3.put(where, json.dumps(marker).encode(),
+                                       if_absent=not replace), budget)
             return True
         except s3.Conflict:
             return False
-        except Exception as e:  # botocore's
-            raise s3.BucketError(s3.describe(e, where.url)) from None
+
+    def _retry(self, operation, budget: float):
+        """Transient errors retried within `budget` seconds (a worker's outage budget);
+        BucketError naming the folder past it."""
+        return s3.with_retries(operation, self.folder.url, budget, on_wait=lambda reason:
+                               log.warning("%s; retrying for up to %gs", reason, budget))
 
     def adopt(self, marker: dict) -> None:
         """The marker replaced, and the head's attempt set back to 0: the attempts of the queue
