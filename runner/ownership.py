@@ -28,14 +28,15 @@ def is_foreign(found: dict | str, queue_id: str | None) -> bool:
         return False
     if found == UNMARKED:
         return True
-    return found.get("queue") != queue_id
+    return not isinstance(found, dict) or found.get("queue") != queue_id
 
 
 def why_foreign(address: str, found: dict | str) -> str:
     if found == UNMARKED:
         return (f"job folder {address} holds a job's files but no queue marker (left by "
                 f"another queue or run)")
-    return f"job folder {address} belongs to another queue (id {found.get('queue')})"
+    owner = found.get("queue") if isinstance(found, dict) else None
+    return f"job folder {address} belongs to another queue (id {owner})"
 
 
 def claim_folder(folder: JobFolder, queue_id: str | None, job: str, attempt: int,
