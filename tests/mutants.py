@@ -308,7 +308,7 @@ MUTANTS = [
            (OWNERSHIP, "-k", "a_worker_fails")),
     Mutant("a folder with job files and no marker is foreign on a first attempt",
            "runner/ownership.py",
-           "if attempt <= 1 and step == 0 and folder.holds_job_files():",
+           "if attempt <= 1 and step == 0 and folder.holds_job_files(budget):",
            "if False:",
            (OWNERSHIP, "-k", "without_a_marker or job_files")),
     Mutant("serve generates a token for any host beyond loopback", "runner/cli.py",
