@@ -130,16 +130,23 @@ def cli(ctx: click.Context, db: str | None) -> None:
 @click.option("--replace", is_flag=True,
               help="Apply changed configs to queued jobs that are not running: each goes back "
                    "to pending with the new config, its old folder moved aside "
-                   "(<folder>.replaced-<time>), never deleted.")
+                   "(<folder>.replaced-<time>), never deleted. It does not touch new "
+                   "jobs' folders that another queue left: see --adopt-folders.")
+@click.option("--adopt-folders", is_flag=True,
+              help="Take over new jobs' folders that belong to another queue (or hold a "
+                   "job's files and no queue marker, e.g. after the database was made "
+                   "again): they are marked as this queue's, and workers resume from their "
+                   "states where the config matches. Without it such folders are refused.")
 @click.pass_context
-def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run, replace):
+def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run, replace, adopt_folders):
     """Insert the sweep's missing jobs into the queue (never duplicates).
 
     A job already queued with another config (or folder) is left alone and
     reported with the keys that differ; nothing is planned then, and the
     exit status is 2. Add --replace to apply the change.
     """
-    from runner.jobfolders import move_aside
+    from runner.jobfolders import FolderUnavailable, move_aside, open_folder
+    from runner.ownership import marker
     from runner.planner import (
         DEFAULT_SWEEP,
         SweepError,
@@ -159,17 +166,31 @@ def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run, replace):
         raise BadInput(str(e)) from None
     try:
         queue = JobQueue(connect(ctx.obj["db"], create=not dry_run))
-        if not replace and not dry_run and queue.plan(rows, dry_run=True).changed:
-            dry_run_only = True  # refuse the whole plan: report below, write nothing
-        else:
-            dry_run_only = dry_run
-        report = queue.plan(rows, dry_run=dry_run_only, replace=replace, move_aside=move_aside)
+        preview = queue.plan(rows, dry_run=True)
+        queue_id = queue.queue_id()
     except NoQueue:  # a dry run against a queue not created yet: all would be new
-        report = PlanReport(new=[row["name"] for row in rows])
+        queue, preview, queue_id = None, PlanReport(new=[row["name"] for row in rows]), None
     except DatabaseError as e:
         raise BadInput(str(e)) from None
-    except OSError as e:  # an old folder could not be moved aside: nothing was changed
-        raise BadInput(f"cannot move a replaced job's folder aside: {e}") from None
+    adopted = foreign_job_folders(rows, preview.new, out_root, queue_id, adopt_folders)
+    if queue is None:
+        report = preview
+    else:
+        # A changed job without --replace refuses the whole plan: report below, write nothing.
+        dry_run_only = dry_run or (not replace and bool(preview.changed))
+        try:
+            if not dry_run_only:  # marked as this queue's before the rows that use them
+                for row in rows:
+                    if row["out_dir"] in adopted:
+                        open_folder(row["out_dir"]).adopt(marker(queue_id, row["name"]))
+            report = queue.plan(rows, dry_run=dry_run_only, replace=replace,
+                                move_aside=move_aside)
+        except FolderUnavailable as e:
+            raise BadInput(f"cannot take a job's folder over: {e}") from None
+        except DatabaseError as e:
+            raise BadInput(str(e)) from None
+        except OSError as e:  # an old folder could not be moved aside: nothing was changed
+            raise BadInput(f"cannot move a replaced job's folder aside: {e}") from None
     if report.changed and not replace:
         raise BadInput(f"{changed_summary(report.changed)}; nothing planned. To apply the "
                        f"change (old folders are moved aside, never deleted): "
@@ -178,6 +199,9 @@ def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run, replace):
     click.echo(f"{verb} {len(rows)} jobs: {len(report.new)} new, "
                f"{len(report.existing)} already queued"
                + (f", {len(report.replaced)} replaced" if report.replaced else ""))
+    if adopted:
+        click.echo(f"{len(adopted)} new job(s) {'would take' if dry_run else 'took'} over "
+                   "folders another queue left; workers resume from their states", err=True)
     if report.replaced:
         click.echo(f"{changed_summary({n: report.changed[n] for n in report.replaced})}: "
                    f"{'would be' if dry_run else 'now'} pending with the new config, old "
@@ -187,6 +211,24 @@ def plan(ctx, sweep_path, profile, only, overrides, out_root, dry_run, replace):
                    f"as they are: {', '.join(report.running[:3])}"
                    + (", ..." if len(report.running) > 3 else "")
                    + "; run plan --replace again once they are done", err=True)
+
+
+def foreign_job_folders(rows: list[dict], new: list[str], out_root: str, queue_id: str | None,
+                        adopt: bool) -> dict[str, dict | str]:
+    """New jobs' folders that are not this queue's: refused in one line unless `adopt`."""
+    from runner.jobfolders import FolderUnavailable, open_folder
+    from runner.ownership import foreign_folders, refusal
+
+    names = set(new)
+    try:
+        foreign = foreign_folders(open_folder(out_root),
+                                  [row["out_dir"] for row in rows if row["name"] in names],
+                                  queue_id)
+    except FolderUnavailable as e:
+        raise BadInput(f"cannot look into the jobs' folders: {e}") from None
+    if foreign and not adopt:
+        raise BadInput(refusal(foreign))
+    return foreign
 
 
 def changed_summary(changed: dict[str, list[str]], limit: int = 4) -> str:

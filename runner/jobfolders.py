@@ -10,6 +10,8 @@ working copy, fetched, and uploaded in the background), `save` waits until the f
 what was written (the job's end counts only then), `close` lets go of the working copy.
 Operators and the planner: `move_aside` and `replaced` (plan --replace, requeue --fresh),
 `collect_garbage` (gc), `check_root` and `join` (plan), `local_view` (the readers).
+Which queue a folder belongs to: its marker (`read_marker`, `write_marker`, `adopt`,
+`survey`); runner.ownership decides what a worker and the planner make of it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 
-REPLACED = ".replaced-"  # <folder>.replaced-<UTC time>[-n]
+REPLACED = ".replaced-"
+MARKER = "queue.json"  # {"queue": <queue id>, "job": <job name>}: whose folder this is
+# What a folder holds, as `survey` reports it: nothing (or no folder), or a job's files but
+# no marker (left by a queue from before markers, or a stray run); else its marker (a dict).
+EMPTY, UNMARKED = "empty", "unmarked"  # <folder>.replaced-<UTC time>[-n]
 ACCEPTED = "a local folder path or an s3://BUCKET/PREFIX address"
 # A scheme followed by a slash (gs://x, http://x, s3:/x), or s3: in any case and form.
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*:/|s3:)", re.IGNORECASE)
@@ -87,6 +93,30 @@ class JobFolder(ABC):
     def collect_garbage(self, queue, job: dict, found, dry_run: bool, replaced: bool) -> None:
         """gc of this (not running) job's folder: its garbage into `found` (runner.disk's
         Collection), removed unless `dry_run`; with `replaced`, its moved-aside folders too."""
+
+    # --- whose folder it is (runner.ownership) ----------------------------------------------
+
+    @abstractmethod
+    def read_marker(self, budget: float = 0.0) -> dict | None:
+        """The folder's marker, None when it has none (FolderUnavailable: it cannot be read,
+        transient errors retried for `budget` seconds)."""
+
+    @abstractmethod
+    def holds_job_files(self, budget: float = 0.0) -> bool:
+        """Whether the folder holds a job's files (config, states, metrics)."""
+
+    @abstractmethod
+    def write_marker(self, marker: dict, replace: bool = False, budget: float = 0.0) -> bool:
+        """Write the marker whole, at once; unless `replace`, only where there is none yet:
+        False when one was there already."""
+
+    def adopt(self, marker: dict) -> None:
+        """Make the folder this queue's (plan --adopt-folders): its marker replaced."""
+        self.write_marker(marker, replace=True)
+
+    @abstractmethod
+    def survey(self, addresses: list[str]) -> dict[str, dict | str]:
+        """For job folders under this out-root: address -> EMPTY, UNMARKED or the marker."""
 
     @abstractmethod
     def local_view(self) -> Path:

@@ -3,12 +3,24 @@ in it as it is, so an attempt has nothing to fetch, upload or remove."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
-from runner.jobfolders import FolderUnavailable, JobFolder, aside_names, is_replaced
+from runner.jobfolders import (
+    EMPTY,
+    MARKER,
+    UNMARKED,
+    FolderUnavailable,
+    JobFolder,
+    aside_names,
+    is_replaced,
+)
 from runner.outputs import folder_problem
+from trainer.files import CONFIG_FILE, METRICS_FILE, STATE_DIR
+
+JOB_FILES = (CONFIG_FILE, STATE_DIR, METRICS_FILE)
 
 
 class LocalFolder(JobFolder):
@@ -64,6 +76,46 @@ class LocalFolder(JobFolder):
 
         collect_local_job(queue, job, found, dry_run=dry_run,
                           replaced=[Path(p) for p in self.replaced()] if replaced else [])
+
+    def read_marker(self, budget: float = 0.0) -> dict | None:
+        try:
+            return json.loads((self.path / MARKER).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise FolderUnavailable(f"{self.path / MARKER}: cannot be read: "
+                                    f"{getattr(e, 'strerror', None) or e}") from None
+
+    def holds_job_files(self, budget: float = 0.0) -> bool:
+        return any((self.path / name).exists() for name in JOB_FILES)
+
+    def write_marker(self, marker: dict, replace: bool = False, budget: float = 0.0) -> bool:
+        target = self.path / MARKER
+        temp = self.path / f".{MARKER}.{os.getpid()}.tmp"  # gc's temp-file pattern
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            temp.write_text(json.dumps(marker) + "\n")
+            if replace:
+                os.replace(temp, target)
+                return True
+            try:
+                os.link(temp, target)  # whole, and never over a marker already there
+            except FileExistsError:
+                return False
+            return True
+        except OSError as e:
+            raise FolderUnavailable(f"{target}: cannot be written: {e.strerror or e}") from None
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def survey(self, addresses: list[str]) -> dict[str, dict | str]:
+        found = {}
+        for address in addresses:
+            folder = LocalFolder(address)
+            marker = folder.read_marker()
+            found[address] = (marker if marker is not None
+                              else UNMARKED if folder.holds_job_files() else EMPTY)
+        return found
 
     def local_view(self) -> Path:
         return self.path

@@ -39,6 +39,7 @@ from db import Claim, DatabaseError, JobQueue, LeaseLost
 from db.outage import OutageNotice
 from runner.jobfolders import FolderFenced, FolderUnavailable, JobFolder, open_folder
 from runner.liveness import HOST, dead_reason, process_token
+from runner.ownership import ForeignFolder, claim_folder
 from runner.progress import JobDisplay, duration
 from runner.slurm import task as slurm_task
 from runner.slurm.task import HAND_BACK_SIGNALS, SlurmTask
@@ -378,6 +379,21 @@ class Worker:
         log.info("%s: claimed (attempt %d, from step %d)", claim.name, claim.attempt, claim.step)
         folder = open_folder(claim.out_dir)
         try:
+            # Another queue's folder (its database made again, say) is never taken over
+            # unasked: the job fails with the reason, it is not retried.
+            claim_folder(folder, self.queue_id(), claim.name, claim.attempt, claim.step,
+                         self.queue.outages.budget)
+        except ForeignFolder as e:
+            log.error("%s: failed: %s", claim.name, e)
+            try:
+                self.queue.fail(claim, str(e))
+            except LeaseLost as lost:
+                log.error("%s", lost)
+                return "lost"
+            return "failed"
+        except FolderUnavailable as e:
+            return self._folder_unavailable(claim, e, claim.step)
+        try:
             # The trainer, and the worker's own log lines, use the local path (for a folder in
             # a bucket: a working copy, uploaded in the background).
             claim = dataclasses.replace(claim, out_dir=str(folder.prepare(
@@ -447,6 +463,12 @@ class Worker:
             self._close_folder(folder, control)
             self.job.free_memory(self.device)
         return outcome
+
+    def queue_id(self) -> str | None:
+        """The queue's identity, read once (it never changes)."""
+        if not hasattr(self, "_queue_id"):
+            self._queue_id = self.queue.queue_id()
+        return self._queue_id
 
     def _queue_outcome(self, claim: Claim, control: JobControl, result, error: Exception | None,
                        busy: bool) -> str:

@@ -42,6 +42,7 @@ LIVENESS = "tests/test_liveness.py"
 SLURM = "tests/test_slurm.py"
 BUCKET = "tests/test_bucket.py"
 WORKER_INPROCESS = "tests/test_worker_inprocess.py"
+OWNERSHIP = "tests/test_ownership.py"
 
 MUTANTS = [
     # --- trainer: scores, checkpoints, atomic writes, labels --------------------------------
@@ -314,6 +315,19 @@ MUTANTS = [
            "if attempt is not None and attempt < head.attempt and relative not in named:",
            "if attempt is not None and attempt < head.attempt:",
            (BUCKET, "-k", "fenced")),
+    Mutant("plan refuses new jobs' folders that are another queue's", "runner/cli.py",
+           "    if foreign and not adopt:\n",
+           "    if foreign and not adopt and False:\n",
+           (OWNERSHIP, "-k", "plan_refuses")),
+    Mutant("a worker checks whose folder it claims", "runner/worker.py",
+           "claim_folder(folder, self.queue_id(), claim.name, claim.attempt, claim.step,",
+           "claim_folder(folder, None, claim.name, claim.attempt, claim.step,",
+           (OWNERSHIP, "-k", "a_worker_fails")),
+    Mutant("a folder with job files and no marker is foreign on a first attempt",
+           "runner/ownership.py",
+           "if attempt <= 1 and step == 0 and folder.holds_job_files(budget):",
+           "if False:",
+           (OWNERSHIP, "-k", "without_a_marker or job_files")),
     Mutant("serve generates a token for any host beyond loopback", "runner/cli.py",
            "generated = token is None and not is_loopback(host)",
            'generated = token is None and host in ("0.0.0.0", "::", "")',

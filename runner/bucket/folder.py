@@ -9,15 +9,19 @@ has no rename; gc deletes only objects no head can name again (jobfolder.unrefer
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 from runner.bucket import s3
-from runner.bucket.jobfolder import HEAD, unreferenced
+from runner.bucket.jobfolder import HEAD, read_head, unreferenced, write_head
 from runner.bucket.sync import JobSync
 from runner.bucket.view import local_folder
-from runner.jobfolders import JobFolder, aside_names, is_replaced
+from runner.jobfolders import EMPTY, MARKER, UNMARKED, JobFolder, aside_names, is_replaced
 from trainer.files import STATE_DIR
+
+log = logging.getLogger("runner.bucket")
 
 
 class BucketFolder(JobFolder):
@@ -102,6 +106,71 @@ class BucketFolder(JobFolder):
         for item in garbage:
             if dry_run or remove(item, found):
                 found.removed.append(item)
+
+    # --- whose folder it is ------------------------------------------------------------------
+
+    def read_marker(self, budget: float = 0.0) -> dict | None:
+        where = self.folder.join(MARKER)
+        found = self._retry(lambda: s3.get(where), budget)
+        try:
+            return None if found is None else json.loads(found[0])
+        except ValueError as e:
+            raise s3.BucketError(f"{where.url}: not a marker: {e}") from None
+
+    def holds_job_files(self, budget: float = 0.0) -> bool:
+        marker = self.folder.join(MARKER).key
+        return any(key != marker for key in self._retry(lambda: s3.sizes(self.folder), budget))
+
+    def write_marker(self, marker: dict, replace: bool = False, budget: float = 0.0) -> bool:
+        where = self.folder.join(MARKER)
+        try:
+            self._retry(lambda: s3.put(where, json.dumps(marker).encode(),
+                                       if_absent=not replace), budget)
+            return True
+        except s3.Conflict:
+            return False
+
+    def _retry(self, operation, budget: float):
+        """Transient errors retried within `budget` seconds (a worker's outage budget);
+        BucketError naming the folder past it."""
+        return s3.with_retries(operation, self.folder.url, budget, on_wait=lambda reason:
+                               log.warning("%s; retrying for up to %gs", reason, budget))
+
+    def adopt(self, marker: dict) -> None:
+        """The marker replaced, and the head's attempt set back to 0: the attempts of the queue
+        that made the folder do not fence this queue's out (theirs are fenced out instead, as
+        the head changed under them)."""
+        self.write_marker(marker, replace=True)
+        try:
+            head = read_head(self.folder)
+            if head.etag is not None:
+                write_head(self.folder, head, 0, head.files)
+        except Exception as e:  # botocore's, or a Conflict: a worker of that queue still writes
+            raise s3.BucketError(s3.describe(e, self.folder.url)) from None
+
+    def survey(self, addresses: list[str]) -> dict[str, dict | str]:
+        """One listing per parent folder of the jobs' folders (one per model family), and
+        one read per marker found."""
+        jobs = {s3.S3Path.parse(a).key: a for a in addresses}
+        parents = {s3.S3Path.parse(a).with_name("") for a in addresses}
+        keys: dict[str, set[str]] = {}
+        try:
+            for parent in sorted(parents, key=lambda p: p.key):
+                for key in s3.sizes(parent):
+                    job, _, relative = key.rpartition("/")
+                    while job and job not in jobs:  # the job folder holding this object
+                        job, _, rest = job.rpartition("/")
+                        relative = f"{rest}/{relative}"
+                    if job:
+                        keys.setdefault(job, set()).add(relative)
+        except Exception as e:  # botocore's
+            raise s3.BucketError(s3.describe(e, self.folder.url)) from None
+        found: dict[str, dict | str] = {}
+        for key, address in jobs.items():
+            held = keys.get(key, set())
+            found[address] = (BucketFolder(address).read_marker() if MARKER in held
+                              else UNMARKED if held else EMPTY)
+        return found
 
     def local_view(self) -> Path:
         return local_folder(self.address)
