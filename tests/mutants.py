@@ -252,7 +252,8 @@ MUTANTS = [
            "        if result is None and busy:\n", "        if False:\n",
            (WORKER_INPROCESS, "-k", "busy_folder and sqlite")),
     Mutant("a stopped job goes back at the step it reached", "runner/worker.py",
-           "self.queue.release(claim, result.step)", "self.queue.release(claim, claim.step)",
+           "self.queue.release(claim, result.step, self.why(",
+           "self.queue.release(claim, claim.step, self.why(",
            (WORKER_INPROCESS, "-k", "stop_mid_job and sqlite")),
     # --- runner.slurm: a worker's self-requeue -----------------------------------------------
     Mutant("a cancelled SLURM launch is not requeued", "runner/slurm/task.py",
