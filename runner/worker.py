@@ -392,7 +392,11 @@ class Worker:
                 return "lost"
             return "failed"
         except FolderUnavailable as e:
-            return self._folder_unavailable(claim, e, claim.step)
+            if folder.on_every_host:  # a bucket past its outage budget: hand back, stop
+                return self._folder_unavailable(claim, e, claim.step)
+            # A folder on disk that cannot hold its marker (a file in its place, no
+            # permission) cannot hold the job either: the job fails on it, as it always did.
+            log.warning("%s: %s", claim.name, e)
         try:
             # The trainer, and the worker's own log lines, use the local path (for a folder in
             # a bucket: a working copy, uploaded in the background).

@@ -28,7 +28,7 @@ from db import JobQueue, connect
 from runner.reporting.results import spread
 from tests.support.browser import chrome, keep_artifact
 from tests.support.commands import PYTHON, ROOT, cli, runner_env
-from tests.support.queues import BACKENDS, digest, new_pg_database
+from tests.support.queues import BACKENDS, digest, doom, new_pg_database
 from tests.support.serve import start_server, stop_server
 from tests.support.waiting import wait_for
 from trainer.files import METRICS_FILE, read_metrics
@@ -68,7 +68,7 @@ def sweep(request, tmp_path_factory):
                "--out-root", str(runs))
     assert plan.returncode == 0, plan.stderr
     # standard run3 fails at its first step: its metrics log cannot be written
-    (runs / "table_connectivity" / NAMES["s", 3] / METRICS_FILE).mkdir(parents=True)
+    doom(runs / "table_connectivity" / NAMES["s", 3], url)
     work = subprocess.run([PYTHON, "-m", "runner", "worker", "--gpu", "cpu", "--threads", "1",
                            "--max-jobs", "3"], cwd=ROOT, env=runner_env(url),
                           capture_output=True, text=True, timeout=600)

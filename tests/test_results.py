@@ -20,8 +20,8 @@ from runner.progress import JobDisplay, duration, eta_line, sweep_progress
 from runner.reporting import results as res
 from runner.reporting.plot import sample_complexity_figure
 from tests.support.commands import PYTHON, ROOT, cli, runner_env
+from tests.support.queues import doom
 from trainer.config import resolve
-from trainer.files import METRICS_FILE
 
 # --- pure functions -------------------------------------------------------------------
 
@@ -155,7 +155,7 @@ def test_results_plot_and_logs_on_a_real_smoke_sweep(db_url, tmp_path):
                "--only", "N=512", "--out-root", str(runs))
     assert plan.returncode == 0, plan.stderr
     doomed = runs / "table_connectivity_lowrank" / "table_connectivity_lowrank_V5_N512_run2"
-    (doomed / METRICS_FILE).mkdir(parents=True)   # this job fails at its first step
+    doom(doomed, db_url)   # this job fails at its first step
     worker = cli(db_url, "worker", "--gpu", "cpu", "--threads", "1", timeout=600)
     assert worker.returncode == 0, worker.stderr[-2000:]
     assert "table_connectivity_standard_V5_N256_run1: step 30/30 (100%)" in worker.stderr

@@ -61,3 +61,18 @@ def unrelated_database(path: Path) -> None:
     conn.execute("INSERT INTO notes (body) VALUES ('keep me')")
     conn.commit()
     conn.close()
+
+
+def doom(folder: Path, url: str) -> None:
+    """Make the job of `folder` fail at its first step: its metrics log cannot be written (a
+    folder stands in its place). The folder is marked as the queue's own first, as its first
+    claim would mark it: a folder holding job files and no marker is another run's."""
+    from db import JobQueue, connect
+    from runner.jobfolders import open_folder
+    from runner.ownership import marker
+    from trainer.files import METRICS_FILE
+
+    queue = JobQueue(connect(url))
+    open_folder(str(folder)).write_marker(marker(queue.queue_id(), folder.name))
+    queue.engine.dispose()
+    (folder / METRICS_FILE).mkdir(parents=True)
