@@ -24,6 +24,7 @@ import pytest
 from db import JobQueue, connect
 from testing.audit import finishes_per_job, lease_violations
 from tests.support.commands import PYTHON, cli, plan
+from tests.support.queues import mark_as_queue_first
 from tests.support.training import assert_bit_identical, train_1thread
 from trainer import atomic
 from trainer import checkpoint as ckpt
@@ -78,6 +79,7 @@ def test_checkpoint_write_past_a_file_size_limit_leaves_the_previous_state(db_ur
     limit = (state_size + snapshot_size) // 2   # snapshots, logs, metrics fit; a state does not
     assert snapshot_size < limit < state_size
 
+    mark_as_queue_first(out, db_url)
     stop_at(job["config"], out, 12)   # states at steps 11 and 12, written without a limit
     before = {p.name: p.read_bytes() for p in (out / ckpt.STATE_DIR).iterdir()}
 
@@ -326,7 +328,11 @@ def test_first_heartbeat_comes_within_the_lease_of_the_claim(tmp_path):
     queue = JobQueue(connect(url))
     events = queue.events()
     queue.engine.dispose()
-    claim = next(e for e in events if e["kind"] == "claim")
-    beat = next(e for e in events if e["kind"] == "heartbeat" and e["token"] == claim["token"])
+    seen = [(e["kind"], e["token"]) for e in events]
+    (finish,) = [e for e in events if e["kind"] == "finish"]
+    (claim,) = [e for e in events if e["kind"] == "claim" and e["token"] == finish["token"]]
+    beats = [e for e in events if e["kind"] == "heartbeat" and e["token"] == claim["token"]]
+    assert beats, f"no heartbeat from the attempt that finished: {seen}"
+    beat = beats[0]
     assert beat["at"] - claim["at"] < 1.0, f"first heartbeat {beat['at'] - claim['at']:.1f}s " \
                                            "after the claim, lease 1s"

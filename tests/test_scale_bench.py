@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests.support.commands import PYTHON, ROOT, cli
 
 
@@ -14,6 +16,7 @@ def scale(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_scale_benchmark_drains_its_jobs_once_each_without_torch(tmp_path):
     proc = scale("--db", str(tmp_path / "q.sqlite"), "--workers", "3", "--jobs", "9",
                  "--job-seconds", "0.5", "--json")

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from runner.worker import Worker
 from tests.support.commands import PYTHON, ROOT, runner_env
 from tests.support.standin import StandIn, row
@@ -48,6 +50,7 @@ worker.run()
 """
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_still_hands_the_job_back_with_a_checkpoint(tmp_path):
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
     from db import JobQueue, connect
@@ -73,6 +76,7 @@ def test_a_second_sigterm_still_hands_the_job_back_with_a_checkpoint(tmp_path):
     queue.engine.dispose()
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"
     from db import JobQueue, connect

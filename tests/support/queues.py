@@ -63,16 +63,23 @@ def unrelated_database(path: Path) -> None:
     conn.close()
 
 
-def doom(folder: Path, url: str) -> None:
-    """Make the job of `folder` fail at its first step: its metrics log cannot be written (a
-    folder stands in its place). The folder is marked as the queue's own first, as its first
-    claim would mark it: a folder holding job files and no marker is another run's."""
+def mark_as_queue_first(folder: Path, url: str) -> None:
+    """Mark `folder` as the queue's own, as the first claim of its job would: a test that puts
+    job files there before any claim (a folder holding job files and no marker is another
+    run's) marks it first."""
     from db import JobQueue, connect
     from runner.jobfolders import open_folder
     from runner.ownership import marker
-    from trainer.files import METRICS_FILE
 
     queue = JobQueue(connect(url))
     open_folder(str(folder)).write_marker(marker(queue.queue_id(), folder.name))
     queue.engine.dispose()
+
+
+def doom(folder: Path, url: str) -> None:
+    """Make the job of `folder` fail at its first step: its metrics log cannot be written (a
+    folder stands in its place)."""
+    from trainer.files import METRICS_FILE
+
+    mark_as_queue_first(folder, url)
     (folder / METRICS_FILE).mkdir(parents=True)
