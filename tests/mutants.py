@@ -336,6 +336,9 @@ MUTANTS = [
     Mutant("the dashboard says when the bucket cannot be read", "runner/reporting/serve.py",
            "                                         BucketError: unavailable(\"bucket\"),\n", "",
            (BUCKET, "-k", "readers_need_no_local")),
+    Mutant("an emptied prefix in a bucket is no folder moved aside", "runner/bucket/folder.py",
+           "if size or s3.exists(s3.S3Path.parse(url))}", "if True}",
+           ("tests/test_jobfolder_contract.py", "-k", "moved_aside")),
 ]
 
 

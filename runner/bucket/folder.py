@@ -81,10 +81,17 @@ class BucketFolder(JobFolder):
         return target.url
 
     def replaced(self) -> list[str]:
+        return sorted(self._asides())
+
+    def _asides(self) -> dict[str, int]:
+        """address -> bytes of each folder moved aside from this one that still holds
+        objects: a store may go on listing the prefix of a folder whose objects were all
+        deleted (SeaweedFS keeps it as an empty directory), and that is no folder."""
         folder = self.folder
-        return [p.url for p in sorted((p for p in s3.subfolders(folder.with_name(""))
-                                       if is_replaced(folder.name, p.name)),
-                                      key=lambda p: p.key)]
+        names = [p for p in s3.subfolders(folder.with_name("")) if is_replaced(folder.name, p.name)]
+        found = {p.url: sum(s3.sizes(p).values()) for p in names}
+        return {url: size for url, size in found.items()
+                if size or s3.exists(s3.S3Path.parse(url))}
 
     def collect_garbage(self, queue, job: dict, found, dry_run: bool, replaced: bool) -> None:
         """Objects no head can name again, and with `replaced` the folders moved aside. No lock
@@ -98,8 +105,8 @@ class BucketFolder(JobFolder):
             garbage = [Garbage(folder.join(rel).url, size, UNREFERENCED)
                        for rel, size in sorted(stale.items())]
             if replaced:
-                garbage += [Garbage(aside, sum(s3.sizes(s3.S3Path.parse(aside)).values()),
-                                    REPLACED) for aside in self.replaced()]
+                garbage += [Garbage(aside, size, REPLACED)
+                            for aside, size in sorted(self._asides().items())]
         except Exception as e:  # botocore's, or a head that is not JSON
             failure(found, folder.url, e)
             return
