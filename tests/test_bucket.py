@@ -439,6 +439,61 @@ def test_a_state_still_being_written_is_not_uploaded_until_its_manifest_is(tmp_p
         "state-0000030.json", "state-0000030.pt"]
 
 
+def test_a_state_pruned_while_it_went_up_is_deleted_by_its_owner(tmp_path, root, monkeypatch):
+    """A slow upload pass (an outage): the trainer prunes state 20 between the put of its .pt
+    and the read of its manifest. The .pt is in the bucket, never named: its owner deletes it."""
+    out_dir = f"{root}/table_connectivity/job"
+    job = s3.S3Path.parse(out_dir)
+    sync = JobSync(out_dir, 1, tmp_path / "a", budget=5, on_fenced=print)
+    local = sync.fetch()
+    fake_training(local, 10)
+    sync.upload()
+    fake_training(local, 20)
+    put = s3.put
+
+    def pruned_meanwhile(path, data, **kw):
+        etag = put(path, data, **kw)
+        if path.key.endswith("state-0000020.pt"):  # the trainer moves on to 30 and 40
+            fake_training(local, 30)
+            fake_training(local, 40)
+            assert not (local / "state/state-0000020.json").exists()
+        return etag
+
+    monkeypatch.setattr(s3, "put", pruned_meanwhile)
+    sync.upload()
+    monkeypatch.setattr(s3, "put", put)
+
+    def in_bucket():
+        return sorted(key.rsplit("/", 1)[1] for key, _ in s3.listing(job.join("a0001/state")))
+
+    assert in_bucket() == ["state-0000010.json", "state-0000010.pt"]  # 20.pt gone at once
+    sync.upload()  # the next pass: the trainer's states now
+    assert in_bucket() == ["state-0000030.json", "state-0000030.pt",
+                           "state-0000040.json", "state-0000040.pt"]
+    assert unreferenced(job)[1] == {}
+
+
+def test_gc_collects_an_owners_unnamed_state_older_than_its_newest_named(tmp_path, root):
+    """What an owner killed before its cleanup leaves: an unnamed state of its own older than
+    the newest it named is garbage; a newer one may still be on its way to the head."""
+    out_dir = f"{root}/table_connectivity/job"
+    job = s3.S3Path.parse(out_dir)
+    sync = JobSync(out_dir, 1, tmp_path / "a", budget=5, on_fenced=print)
+    local = sync.fetch()
+    fake_training(local, 10)
+    fake_training(local, 20)
+    sync.upload()
+    s3.put(job.join(attempt_key(1, "state/state-0000015.pt")), b"orphan")   # lost its partner
+    s3.put(job.join(attempt_key(1, "state/state-0000030.pt")), b"in flight")
+    s3.put(job.join(attempt_key(1, "snapshots/extra.bin")), b"not a state")
+    assert unreferenced(job)[1] == {attempt_key(1, "state/state-0000015.pt"): 6}
+    # An owner that named no state of its own yet (it resumed from an older attempt's)
+    # keeps all of its own: it may be about to name any of them.
+    local = JobSync(out_dir, 2, tmp_path / "b", budget=5, on_fenced=print).fetch()
+    s3.put(job.join(attempt_key(2, "state/state-0000015.pt")), b"in flight")
+    assert attempt_key(2, "state/state-0000015.pt") not in unreferenced(job)[1]
+
+
 def test_uploads_wait_out_a_server_outage_and_nothing_is_lost(tmp_path, root, s3_server):
     folder, _ = s3_server
     url = f"sqlite:///{tmp_path / 'q.sqlite'}"

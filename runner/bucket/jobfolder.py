@@ -77,19 +77,36 @@ def attempt_of(relative_key: str) -> int | None:
 def unreferenced(job: S3Path) -> tuple[Head, dict[str, int]]:
     """The head, and the objects no head can name again (relative key -> bytes): those of
     attempts older than the head's owner that it does not name, i.e. a fenced-out attempt's
-    late uploads, or uploads a killed attempt left without a head naming them.
+    late uploads, or uploads a killed attempt left without a head naming them; and the
+    owner's own states that it does not name, older than the newest state it names (one
+    that went up while the trainer pruned it, during an outage say, and lost its partner).
 
     Safe while workers run: a head's owner names only keys its head already names or keys
     of its own, and only newer attempts take a head over, so an older attempt's key that the
-    head does not name now is never named again. The objects are listed before the head is
-    read: one uploaded after the listing is not judged."""
+    head does not name now is never named again. The owner's trainer only moves forward and
+    each head it writes names every whole state it holds, so an unnamed state of its own
+    older than one it named is never named again; a newer one may be in flight. The objects
+    are listed before the head is read: one uploaded after the listing is not judged."""
     objects = sizes(job)
     head = read_head(job)
     named = set(head.files.values())
+    own_steps = [_state_step(key) for key in named if attempt_of(key) == head.attempt]
+    newest_own = max((step for step in own_steps if step is not None), default=None)
     stale = {}
     for key, size in objects.items():
         relative = key[len(job.key) + 1:]
         attempt = attempt_of(relative)
-        if attempt is not None and attempt < head.attempt and relative not in named:
+        if attempt is None or relative in named:
+            continue
+        step = _state_step(relative)
+        if attempt < head.attempt or (attempt == head.attempt and step is not None
+                                      and newest_own is not None and step < newest_own):
             stale[relative] = size
     return head, stale
+
+
+def _state_step(relative_key: str) -> int | None:
+    """The step of an attempt's state file or manifest ('a0007/state/state-0000100.pt' ->
+    100); None for any other object."""
+    found = re.fullmatch(r"a\d{4,}/state/state-(\d+)\.(pt|json)", relative_key)
+    return int(found.group(1)) if found else None

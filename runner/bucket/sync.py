@@ -48,6 +48,7 @@ class JobSync:
         self.local = self.home / f"{ATTEMPT_FOLDER}{attempt}"
         self.head = Head()
         self.sent: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) sent
+        self.put_states: set[str] = set()  # this attempt's state keys in the bucket
         self.error: Exception | None = None
         self.fenced = False
         self._stop = threading.Event()
@@ -132,6 +133,8 @@ class JobSync:
                 target = self.job.join(attempt_key(self.attempt, relative))
                 self._retry(lambda t=target, d=data: s3.put(t, d), target.url)
                 self.sent[relative] = signature
+                if _is_state(relative):
+                    self.put_states.add(target.key)
             files = _whole_states(files)
             # Files not kept locally (snapshots of earlier attempts) stay as the head has them;
             # states are the ones the trainer keeps now.
@@ -141,16 +144,24 @@ class JobSync:
                     wanted[rel] = attempt_key(self.attempt, rel)
                 else:
                     wanted[rel] = self.head.files[rel]
-            if wanted == self.head.files:
-                return
-            before = self.head  # what this attempt last named (a lost answer may change it)
-            self.head = self._point_head(wanted)
-            dropped = [key for rel, key in before.files.items()
-                       if _is_state(rel) and key not in self.head.files.values()]
-            if dropped:  # superseded states: the head no longer names them
-                self._retry(lambda: s3.delete(self.job.bucket,
-                                              [self.job.join(k).key for k in dropped]),
+            if wanted != self.head.files:
+                before = self.head  # what this attempt last named (a lost answer may change it)
+                self.head = self._point_head(wanted)
+                dropped = [self.job.join(key).key for rel, key in before.files.items()
+                           if _is_state(rel) and key not in self.head.files.values()]
+            else:
+                dropped = []
+            # A state that went up while the trainer pruned it (a slow pass: an outage, say)
+            # lost its partner on the way and was never named: it never will be.
+            named = {self.job.join(key).key for key in self.head.files.values()}
+            unnamed = self.put_states - named
+            if dropped or unnamed:  # superseded states, and those never named
+                self._retry(lambda: s3.delete(self.job.bucket, sorted({*dropped, *unnamed})),
                             self.job.url)
+                self.put_states -= unnamed
+                for relative in [rel for rel in self.sent
+                                 if self.job.join(attempt_key(self.attempt, rel)).key in unnamed]:
+                    del self.sent[relative]  # up again, should it become whole once more
 
     def _point_head(self, wanted: dict[str, str]) -> Head:
         try:
