@@ -95,8 +95,9 @@ def status_json(snap: dict, listing: Listing = Listing()) -> str:
     progress = {k: p[k] for k in ("steps_done", "steps_total", "jobs_left", "live_workers",
                                   "work_seconds_left", "eta_seconds")}
     progress["summary"] = eta_line(p, snap["counts"])  # status's own line, for the dashboard
-    workers = [{k: w[k] for k in WORKER_FIELDS} for w in snap["workers"]
-               if w["state"] != "exited"]
+    # Every worker that registered, those that exited too (state "exited"): which SLURM task
+    # ran what stays readable after the array ended.
+    workers = [{k: w[k] for k in WORKER_FIELDS} for w in snap["workers"]]
     return json.dumps({"counts": snap["counts"], "paused": snap["paused"] is not None,
                        "progress": progress, "workers": workers, "jobs_matched": matched,
                        "jobs": out}, indent=2)

@@ -183,6 +183,9 @@ def test_an_idle_worker_counts_as_live(db_url, tmp_path):
         worker.communicate(timeout=30)
     assert worker.returncode == 0
     assert [w["state"] for w in queue.workers()] == ["exited"]
+    (w,) = json.loads(cli(db_url, "status", "--json").stdout)["workers"]  # still listed
+    assert (w["name"], w["state"], w["alive"]) == (f"{w['name'].split(':')[0]}:cpu:"
+                                                   f"{worker.pid}", "exited", False)
 
 
 def test_a_worker_whose_every_job_failed_exits_non_zero(db_url, tmp_path):
