@@ -8,6 +8,7 @@ before anything is written.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import shlex
@@ -487,6 +488,20 @@ def resume(ctx):
                    "(make workers, python -m runner slurm submit)")
 
 
+def cached_when_bucket_unreachable(command):
+    """A reader: job folders in a bucket that cannot be read are read from the copies cached
+    on this machine (those it has), with one note on stderr saying so."""
+
+    @functools.wraps(command)
+    def read(*args, **kwargs):
+        from runner.jobfolders import cached_copies_when_unreachable
+
+        with cached_copies_when_unreachable(lambda line: click.echo(line, err=True)):
+            return command(*args, **kwargs)
+
+    return read
+
+
 BY_OPTION = click.option(
     "--by", multiple=True, metavar="KEY",
     help="Split rows by this dotted config key (e.g. training.learning_rate; repeatable) "
@@ -510,6 +525,7 @@ def aggregate_by(jobs: list[dict], by: tuple[str, ...]):
               help="CSV: one line per row, fractions, with its config group, profile and --set.")
 @BY_OPTION
 @click.pass_context
+@cached_when_bucket_unreachable
 def results(ctx, as_json, as_csv, by):
     """Test accuracy per (config, V, model, N): mean ± std over runs, min–max, majority rate.
 
@@ -538,6 +554,7 @@ def results(ctx, as_json, as_csv, by):
               help="Where the training-curve figures go [default: curves/ beside --out].")
 @BY_OPTION
 @click.pass_context
+@cached_when_bucket_unreachable
 def plot(ctx, out, curves_dir, by):
     """Sample-complexity figure (accuracy vs N per V, a line per model and config) and
     training curves."""
@@ -572,6 +589,7 @@ def plot(ctx, out, curves_dir, by):
 @click.option("--follow", "-f", is_flag=True,
               help="Keep printing new lines until the job ends (or Ctrl-C).")
 @click.pass_context
+@cached_when_bucket_unreachable
 def logs(ctx, name, follow):
     """Print a job's own log (train.log in its folder), across attempts.
 
@@ -704,6 +722,7 @@ def serve(ctx, host, port, token):
               type=click.Path(dir_okay=False), help="The report (one HTML file).")
 @BY_OPTION
 @click.pass_context
+@cached_when_bucket_unreachable
 def report(ctx, out, by):
     """The sweep as one self-contained HTML file (figures embedded, no network needed).
 

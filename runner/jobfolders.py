@@ -19,7 +19,8 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPLACED = ".replaced-"
@@ -161,6 +162,21 @@ def move_aside(address: str) -> str | None:
 def local_folder(address: str) -> Path:
     """A local folder holding the readable files of the job folder at `address`."""
     return open_folder(address).local_view()
+
+
+@contextmanager
+def cached_copies_when_unreachable(note: Callable[[str], None]) -> Iterator[None]:
+    """For readers that would rather show what they read last than nothing: within it, a job
+    folder in a bucket that cannot be read is read from the copy cached on this machine, if
+    it has one, and `note` gets one line saying so (the reason, how many, how old)."""
+    from runner.bucket.view import cached_when_unreachable
+
+    with cached_when_unreachable() as fallback:
+        try:
+            yield
+        finally:
+            if fallback.served:
+                note(fallback.note())
 
 
 # --- names of moved-aside folders, the same in both kinds ------------------------------------

@@ -352,6 +352,10 @@ MUTANTS = [
            "and newest_own is not None and step < newest_own):",
            "and newest_own is not None):",
            (BUCKET, "-k", "owners_unnamed")),
+    Mutant("readers fall back on their cached copies while the bucket is away",
+           "runner/bucket/view.py",
+           "            if fallback is None:\n", "            if True:\n",
+           (BUCKET, "-k", "readers_need_no_local")),
 ]
 
 

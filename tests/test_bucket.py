@@ -183,6 +183,17 @@ def test_a_slice_in_a_bucket_resumes_on_another_host_and_readers_need_no_local_f
     [line] = cut_off.stderr.strip().splitlines()
     assert cut_off.returncode == 2 and line.startswith(f"error: {root}/"), cut_off.stderr
     assert "Could not connect to the endpoint URL" in line
+    # With a warm cache (the reader's above), readers show what it holds, with one note.
+    warm = {**elsewhere, "AWS_ENDPOINT_URL": nowhere["AWS_ENDPOINT_URL"]}
+    stale = cli(url, "results", "--json", env=warm)
+    assert stale.returncode == 0, stale.stderr
+    assert json.loads(stale.stdout)["rows"] == table["rows"]
+    [note] = stale.stderr.strip().splitlines()
+    assert note.startswith(f"note: {root}/") and "Could not connect to the endpoint" in note
+    assert "; 2 job folder(s) shown as cached on this machine (the oldest copy from " in note
+    stale_log = cli(url, "logs", resumed["name"], env=warm)
+    assert (stale_log.returncode, stale_log.stdout) == (0, log.stdout), stale_log.stderr
+    assert "1 job folder(s) shown as cached" in stale_log.stderr
     monkeypatch.setenv("AWS_ENDPOINT_URL", nowhere["AWS_ENDPOINT_URL"])
     monkeypatch.setenv("RUNNER_CACHE_DIR", nowhere["RUNNER_CACHE_DIR"])
     proc, base = start_server(url, cwd=tmp_path)

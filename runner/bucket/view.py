@@ -4,6 +4,10 @@
 bucket folder's current config, metrics, evaluation and log (as its head names them; states
 and snapshots are left in the bucket).
 A file is downloaded again only when the head names another object or the object changed.
+
+Within `cached_when_unreachable()` (the command-line readers), a folder whose bucket cannot be
+read is served from the copy cached earlier on this machine, if it has one, and the fallback
+says so; elsewhere (the dashboard) the error is raised.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from runner.bucket import s3
@@ -26,19 +32,65 @@ _checked: dict[str, float] = {}
 _lock = threading.Lock()
 
 
+class Fallback:
+    """What was served from cached copies because the bucket could not be read."""
+
+    def __init__(self):
+        self.served = 0
+        self.oldest: float | None = None  # when the oldest copy served was last refreshed
+        self.reason: str | None = None    # the first error met
+        self.unreachable = False          # the endpoint is away: the bucket is not asked again
+
+    def serve(self, local: Path, error: str) -> Path:
+        """`local`, the cached copy; the error if there is none."""
+        try:
+            refreshed = (local / INDEX).stat().st_mtime
+        except FileNotFoundError:
+            raise s3.BucketError(error) from None
+        self.served += 1
+        self.reason = self.reason or error
+        self.oldest = refreshed if self.oldest is None else min(self.oldest, refreshed)
+        return local
+
+    def note(self) -> str:
+        cached = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.oldest))
+        return (f"note: {self.reason}; {self.served} job folder(s) shown as cached on this "
+                f"machine (the oldest copy from {cached})")
+
+
+_fallback: Fallback | None = None
+
+
+@contextmanager
+def cached_when_unreachable() -> Iterator[Fallback]:
+    """Within it, a folder whose bucket cannot be read is served from its cached copy."""
+    global _fallback
+    _fallback = Fallback()
+    try:
+        yield _fallback
+    finally:
+        _fallback = None
+
+
 def local_folder(out_dir: str) -> Path:
-    """A local folder holding `out_dir`'s readable files (BucketError if unreachable)."""
+    """A local folder holding `out_dir`'s readable files (BucketError if unreachable and,
+    within cached_when_unreachable(), no copy of it is cached)."""
     job = s3.S3Path.parse(out_dir)
     local = s3.cache_root() / "view" / job.bucket / job.key
     with _lock:
         if time.monotonic() - _checked.get(out_dir, -FRESH_FOR) < FRESH_FOR:
             return local
+        fallback = _fallback
+        if fallback is not None and fallback.unreachable:  # not asked again: it is away
+            return fallback.serve(local, fallback.reason)
         try:
             _refresh(job, local)
-        except s3.BucketError:
-            raise
         except Exception as e:  # botocore's, as one line
-            raise s3.BucketError(s3.describe(e, job.url)) from None
+            error = str(e) if isinstance(e, s3.BucketError) else s3.describe(e, job.url)
+            if fallback is None:
+                raise s3.BucketError(error) from None
+            fallback.unreachable = s3.transient(e)
+            return fallback.serve(local, error)
         _checked[out_dir] = time.monotonic()
     return local
 
