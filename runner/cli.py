@@ -11,6 +11,7 @@ import collections
 import functools
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -272,22 +273,33 @@ def replan_command() -> str:
                    "0: exit at the first failure. The same budget holds for a bucket.")
 @click.option("--cache-dir", envvar="RUNNER_CACHE_DIR", default=None, metavar="DIR",
               help="Local working copies of job folders that live in a bucket (else "
-                   "$RUNNER_CACHE_DIR, else ~/.cache/runner).")
+                   "$RUNNER_CACHE_DIR, else ~/.cache/runner). $VAR and ${VAR} are expanded "
+                   "where the worker runs ('$SLURM_TMPDIR/runner': a node's local disk).")
+@click.option("--processes", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              metavar="K",
+              help="K workers sharing this device, each claiming its own jobs (small jobs "
+                   "leave a GPU idle); signals reach each, and without --threads each gets "
+                   "its share of the CPUs.")
 @click.pass_context
 def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_outage,
-           cache_dir):
+           cache_dir, processes):
     """Claim jobs one by one and train them in this process.
 
     On a terminal the running job shows a progress bar (step/total, loss,
     steps/s, ETA); otherwise a log line every --progress-every seconds.
     """
+    from runner import group
     from runner.slurm.task import SlurmTask
     from runner.worker import BadDevice, Worker
 
+    cache_dir = expand_variables(cache_dir, "--cache-dir")
     queue = open_queue(ctx, outage=db_outage, worker=True)
+    task = SlurmTask.from_environ(os.environ)
+    if processes > 1 and not group.is_member():
+        ctx.exit(worker_group(queue, gpu, processes, threads, task))
     try:
-        w = Worker(queue, gpu, lease, order, threads, progress_every,
-                   slurm=SlurmTask.from_environ(os.environ), cache_dir=cache_dir)
+        w = Worker(queue, gpu, lease, order, threads, progress_every, slurm=task,
+                   cache_dir=cache_dir, requeue_task=not group.is_member())
     except BadDevice as e:
         raise BadInput(str(e)) from None
     w.install_signal_handlers()
@@ -300,6 +312,38 @@ def worker(ctx, gpu, max_jobs, lease, order, wait, threads, progress_every, db_o
     if w.all_failed:
         raise click.ClickException(f"every job this worker ran failed ({len(w.outcomes)}); "
                                    "see `python -m runner status`")
+
+
+def expand_variables(value: str | None, option: str) -> str | None:
+    """`value` with $VAR and ${VAR} expanded from this process's environment; one that is
+    not set is refused (a folder named '$SLURM_TMPDIR' would be made instead)."""
+    if value is None or "$" not in value:
+        return value
+    expanded = os.path.expandvars(value)
+    if unset := re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", expanded):
+        raise BadInput(f"{option} {value!r}: ${unset[0]} is not set here")
+    return expanded
+
+
+def worker_group(queue: JobQueue, gpu: str, processes: int, threads: int | None,
+                 task) -> int:
+    """`worker --processes K`: K members (this command with --processes 1), run by
+    runner.group; under SLURM the task requeues itself once, after the last of them."""
+    from runner import group
+    from runner.slurm.task import requeue_if_work_left
+    from runner.worker import BadDevice, check_gpu
+
+    try:
+        check_gpu(gpu)  # once here, rather than a line from each member
+    except BadDevice as e:
+        raise BadInput(str(e)) from None
+    queue.engine.dispose()  # no connection held while the members work
+    args = [*sys.argv[1:], "--processes", "1"]
+    if threads is None:
+        args += ["--threads", str(group.threads_each(processes, task.cpus if task else None))]
+    logging.getLogger("runner").info("%d workers on %s", processes, gpu)
+    return group.run_group(processes, args, when_stopped=lambda: requeue_if_work_left(queue,
+                                                                                      task))
 
 
 @cli.command()
@@ -824,8 +868,23 @@ def slurm():
                    "checkpoints and hands its job back meanwhile.")
 @click.option("--signal", "stop_signal", type=click.Choice(["TERM", "USR1", "HUP"]),
               default="TERM", show_default=True, help="The signal sent before the time limit.")
+@click.option("--gpu-type", default=None, metavar="TYPE",
+              help="The GPU type to ask for (--gres=gpu:TYPE:1), as the cluster names it "
+                   "(a100, h100, ...).")
+@click.option("--workers-per-gpu", type=click.IntRange(min=1, max=64), default=1,
+              show_default=True, metavar="K",
+              help="K workers in each task, sharing its GPU (with --cpu: its CPUs), each "
+                   "claiming its own jobs: worker --processes K.")
 @click.option("--lease", type=click.FloatRange(min=1), default=None,
               help="The workers' --lease [default: the worker's].")
+@click.option("--db-outage", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="The workers' --db-outage [default: the worker's].")
+@click.option("--order", type=click.Choice(ORDERS), default=None,
+              help="The workers' --order [default: the worker's].")
+@click.option("--cache-dir", default=None, metavar="DIR",
+              help="The workers' --cache-dir, for job folders in a bucket: quote a variable "
+                   "to have it expanded on the node ('$SLURM_TMPDIR/runner', '$TMPDIR/runner')"
+                   " [default: the worker's, ~/.cache/runner].")
 @click.option("--logs", type=click.Path(file_okay=False), default=None,
               help="Folder of the script and the tasks' logs [default: <out-root>/logs].")
 @click.option("--dry-run", is_flag=True, help="Print the script; submit nothing.")
@@ -835,7 +894,8 @@ def slurm():
 @click.pass_context
 def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
                  cpus_per_worker, mem, account, qos, sbatch_args, cpu, grace, stop_signal,
-                 lease, logs, dry_run, force):
+                 gpu_type, workers_per_gpu, lease, db_outage, order, cache_dir, logs, dry_run,
+                 force):
     """Submit WORKERS workers of this queue as one SLURM job array; print its job id.
 
     Each task asks for its GPU(s), is requeued on preemption (--requeue), gets the stop
@@ -850,7 +910,7 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
     try:
         limit = submit.time_limit(time_limit, grace)
         submit.check_memory(mem)
-        submit.check_gpus(gpus_per_worker, cpu)
+        submit.check_gpus(gpus_per_worker, cpu, gpu_type)
     except Refused as e:
         raise BadInput(str(e)) from None
     url = submit.absolute_sqlite_url(ctx.obj["db"])
@@ -859,8 +919,10 @@ def slurm_submit(ctx, workers, parallel, partition, time_limit, gpus_per_worker,
         workers=workers, parallel=parallel, partition=partition, time=limit,
         gpus_per_worker=(0 if cpu else 1) if gpus_per_worker is None else gpus_per_worker,
         cpus_per_worker=cpus_per_worker, mem=mem, account=account, qos=qos, cpu=cpu,
-        grace=grace, signal=stop_signal, sbatch_args=list(sbatch_args),
-        worker_args=["--lease", f"{lease:g}"] if lease else [])
+        grace=grace, signal=stop_signal, sbatch_args=list(sbatch_args), gpu_type=gpu_type,
+        workers_per_task=workers_per_gpu,
+        worker_args=submit.worker_args(lease=lease, db_outage=db_outage, order=order,
+                                       cache_dir=cache_dir))
     try:
         sub = submit.prepare(queue, url, opts, logs, dry_run,
                              note=lambda line: click.echo(line, err=True), force=force)

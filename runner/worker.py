@@ -68,12 +68,28 @@ def resolve_device(gpu: str, job: Job) -> str:
     """'cpu' or a CUDA index -> a device string the job takes; a missing GPU is an error."""
     if gpu == "cpu":
         return "cpu"
-    if not gpu.isdigit():
-        raise BadDevice(f"--gpu '{gpu}': expected a GPU index (0, 1, ...) or 'cpu'")
+    check_gpu_syntax(gpu)
     try:
         return job.use_device(f"cuda:{gpu}")
     except BadDevice as e:
         raise BadDevice(f"--gpu {gpu}: {str(e).split(': ', 1)[1]}") from None
+
+
+def check_gpu_syntax(gpu: str) -> None:
+    if gpu != "cpu" and not gpu.isdigit():
+        raise BadDevice(f"--gpu '{gpu}': expected a GPU index (0, 1, ...) or 'cpu'")
+
+
+def check_gpu(gpu: str) -> None:
+    """BadDevice unless `gpu` is 'cpu' or a GPU of this machine (none is made current)."""
+    from trainer.device import check_device
+
+    check_gpu_syntax(gpu)
+    if gpu != "cpu":
+        try:
+            check_device(f"cuda:{gpu}")
+        except BadDevice as e:
+            raise BadDevice(f"--gpu {gpu}: {str(e).split(': ', 1)[1]}") from None
 
 
 class JobControl:
@@ -239,7 +255,7 @@ class Worker:
     def __init__(self, queue: JobQueue, gpu: str, lease: float, order: str = "guide",
                  threads: int | None = None, progress_every: float = 30.0,
                  slurm: SlurmTask | None = None, cache_dir: str | None = None,
-                 job: Job | None = None):
+                 job: Job | None = None, requeue_task: bool = True):
         self.queue, self.gpu, self.lease, self.order = queue, gpu, lease, order
         self.job = job or StudyJob()  # what a claimed job is run with (trainer.job)
         # Working copies of job folders that live in a bucket (None: the user's cache
@@ -248,6 +264,9 @@ class Worker:
         self.folder_error: FolderUnavailable | None = None  # a job folder unusable: exit 1
         self.progress_every = progress_every  # seconds between progress log lines (no terminal)
         self.slurm = slurm
+        # Under SLURM, requeue the task when stopped with work left; a member of a group
+        # (worker --processes) leaves that to the group, whose task it is.
+        self.requeue_task = requeue_task
         self.device = resolve_device(gpu, self.job)
         self.threads_line = slurm_task.threads_line(threads, slurm)  # said in the first line
         threads = threads or (slurm.cpus if slurm else None)
@@ -346,7 +365,7 @@ class Worker:
         finally:
             with contextlib.suppress(DatabaseError):
                 self.queue.worker_seen(self.name, "exited")
-        if self.stopped_by:
+        if self.stopped_by and self.requeue_task:
             slurm_task.requeue_if_work_left(self.queue, self.slurm)
         return len(self.outcomes)
 

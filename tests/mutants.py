@@ -356,6 +356,15 @@ MUTANTS = [
            "runner/bucket/view.py",
            "            if fallback is None:\n", "            if True:\n",
            (BUCKET, "-k", "readers_need_no_local")),
+    Mutant("a group's members leave their task's requeue to the group", "runner/worker.py",
+           "if self.stopped_by and self.requeue_task:", "if self.stopped_by:",
+           (SLURM, "-k", "two_workers")),
+    Mutant("a group's members run in sessions of their own (one Ctrl-C each)",
+           "runner/group.py", "start_new_session=True,", "start_new_session=False,",
+           ("tests/test_worker_group.py", "-k", "INT")),
+    Mutant("a group passes a stop signal on to each member", "runner/group.py",
+           "                member.send_signal(signum)", "                pass",
+           ("tests/test_worker_group.py", "-k", "TERM")),
 ]
 
 

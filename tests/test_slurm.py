@@ -347,6 +347,29 @@ def test_slurm_cancel_mid_job_loses_nothing(env, tmp_path):
     assert len(queue.workers()) == 2  # the third task never started a worker
 
 
+def test_a_task_of_two_workers_runs_two_jobs_and_slurm_cancel_hands_both_back(env, tmp_path):
+    """--workers-per-gpu 2: one task, two workers (worker --processes 2); the stop signal
+    SLURM sends the task's process reaches both, and the task decides its requeue once."""
+    queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1",
+                    "--set", "training.train_steps=5000", "--set", "training.save_every_steps=10")
+    job_id = submit(env, "--workers", "4", "--workers-per-gpu", "2")  # cut to 1 task
+    names = [j["name"] for j in queue.jobs()]
+    wait_for(lambda: all(step_of(queue, n) >= 20 for n in names), 240, "both jobs training")
+    assert sorted(w["slurm_array"] for w in queue.workers()) == [f"{job_id}_0"] * 2
+    proc = run(env, "slurm", "cancel", "--grace", "60")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (f"SLURM job {job_id} cancelled: 1 running task(s) of 2 "
+                                   "workers signalled to hand their jobs back")
+    assert not array_tasks(env, job_id)
+    jobs = queue.jobs()
+    assert [(j["state"], j["attempts"]) for j in jobs] == [("pending", 0)] * 2
+    for job in jobs:
+        assert job["step"] >= 20 and ckpt.list_states(Path(job["out_dir"]))
+    logs = slurm_logs(tmp_path, job_id)
+    assert logs.count("SIGTERM: stopping after the current step") == 2, logs
+    assert logs.count("not requeueing task") == 1, logs  # the task's word, not each worker's
+
+
 def test_slurm_cancel_skips_a_launch_that_ended_and_cancels_the_live_one(env, tmp_path):
     queue = plan_in(env, tmp_path, "--only", "V=5", "--only", "N=256", "--only", "run=1")
     queue.record_launch("slurm", "999999", 2, None, {})  # long gone: SLURM forgot its id

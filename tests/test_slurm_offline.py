@@ -43,9 +43,11 @@ def matches_golden(name: str, text: str) -> None:
 
 def test_the_batch_script_matches_the_golden_file():
     opts = SubmitOptions(workers=8, parallel=4, partition="gpu", time="1-04:00:00",
-                         gpus_per_worker=2, cpus_per_worker=8, mem="32G", account="lab",
-                         qos="normal", grace=90, signal="USR1",
-                         sbatch_args=["--constraint=a100"], worker_args=["--lease", "30"])
+                         gpus_per_worker=1, gpu_type="a100", workers_per_task=2,
+                         cpus_per_worker=8, mem="32G", account="lab",
+                         qos="normal", grace=90, signal="USR1", sbatch_args=["--exclusive"],
+                         worker_args=submit.worker_args(lease=30, db_outage=900, order="cost",
+                                                        cache_dir="$SLURM_TMPDIR/runner"))
     url = "postgresql+psycopg://runner:secret@dbhost/sweep"
     script = array.batch_script(opts, url, Path("/shared/runs/logs"),
                                 python="/opt/checkout/.venv/bin/python",
@@ -55,7 +57,7 @@ def test_the_batch_script_matches_the_golden_file():
     # Any user of a node reads a process's arguments (ps -eo args): the password is only in
     # the script (private to its owner), exported as the worker's $RUNNER_DB.
     [command] = [line for line in script.splitlines() if line.startswith("exec ")]
-    assert "secret" not in command and "--db" not in command and "dbhost" not in command
+    assert "secret" not in command and " --db " not in command and "dbhost" not in command
     assert "export RUNNER_DB=postgresql+psycopg://runner:secret@dbhost/sweep" in script
 
 
@@ -282,7 +284,14 @@ def test_bad_time_or_memory_is_refused_in_one_line_before_anything_is_written(tm
     assert refused_line(cli(url, "slurm", "submit", "--workers", "1", "--gpus-per-worker",
                             "2")) == (
         "error: --gpus-per-worker 2: a worker trains on one GPU; ask for one per worker and "
-        "more workers (--workers)")
+        "more workers (--workers), or several workers per GPU (--workers-per-gpu)")
+    assert refused_line(cli(url, "slurm", "submit", "--workers", "1", "--cpu", "--gpu-type",
+                            "a100")) == (
+        "error: --gpu-type a100 with --cpu: the workers ask for no GPU")
+    assert refused_line(cli(url, "slurm", "submit", "--workers", "1", "--gpu-type",
+                            "a100:2")) == (
+        "error: --gpu-type 'a100:2': expected a GPU type as the cluster names it (letters, "
+        "digits, '_', '.', '-'; e.g. a100)")
     assert refused_line(cli(url, "slurm", "submit", "--workers", "1", "--gpus-per-worker",
                             "0")) == (
         "error: --gpus-per-worker 0 without --cpu: the workers would look for a GPU they "
@@ -447,8 +456,9 @@ class JobsQueue:
         return self._jobs
 
 
-def prepare(folders, workers=2, notes=None):
-    return submit.prepare(JobsQueue(folders), PG, SubmitOptions(workers=workers),
+def prepare(folders, workers=2, notes=None, per_task=1):
+    return submit.prepare(JobsQueue(folders), PG,
+                          SubmitOptions(workers=workers, workers_per_task=per_task),
                           "/shared/runs/logs", dry_run=True,
                           note=(notes if notes is not None else []).append)
 
@@ -461,6 +471,11 @@ def test_workers_beyond_the_unfinished_jobs_are_cut_with_a_note(monkeypatch):
     assert notes == ["note: 100 worker(s) asked for 1 unfinished job(s): submitting 1"]
     notes.clear()
     assert prepare(SHARED, workers=2, notes=notes).opts.workers == 2 and notes == []
+    five = [f"/shared/runs/m/{n}" for n in "abcde"]  # three tasks of two hold them all
+    sub = prepare(five, workers=10, notes=notes, per_task=2)
+    assert sub.opts.workers == 3 and "#SBATCH --array=0-2" in sub.script()
+    assert notes == ["note: 10 task(s) of 2 workers asked for 5 unfinished job(s): "
+                     "submitting 3"]
 
 
 def test_job_folders_in_a_bucket_without_credentials_are_refused_before_submitting(

@@ -55,6 +55,8 @@ class SubmitOptions:
     signal: str = "TERM"
     sbatch_args: list[str] = field(default_factory=list)
     worker_args: list[str] = field(default_factory=list)  # e.g. --lease 30
+    gpu_type: str | None = None      # --gres=gpu:TYPE:N
+    workers_per_task: int = 1        # workers sharing a task's GPU (worker --processes)
 
 
 TIME_FORMS = "MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
@@ -107,7 +109,8 @@ def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys
         "#SBATCH --nodes=1",
     ]
     if opts.gpus_per_worker:
-        lines.append(f"#SBATCH --gres=gpu:{opts.gpus_per_worker}")
+        kind = f"{opts.gpu_type}:" if opts.gpu_type else ""
+        lines.append(f"#SBATCH --gres=gpu:{kind}{opts.gpus_per_worker}")
     for flag, value in (("cpus-per-task", opts.cpus_per_worker), ("mem", opts.mem),
                         ("partition", opts.partition), ("time", opts.time),
                         ("account", opts.account), ("qos", opts.qos)):
@@ -117,6 +120,8 @@ def batch_script(opts: SubmitOptions, db_url: str, logs: Path, python: str = sys
     # GPU 0 is the first GPU SLURM allocated: it sets CUDA_VISIBLE_DEVICES to those only.
     gpu = "cpu" if opts.cpu else "0"
     worker = [python, "-m", "runner", "worker", "--gpu", gpu, *opts.worker_args]
+    if opts.workers_per_task > 1:  # one parent passes SLURM's signals on to each of them
+        worker += ["--processes", str(opts.workers_per_task)]
     lines += [
         "",
         f"cd {shlex.quote(str(root))}",
@@ -335,10 +340,14 @@ def cancel(job_id: str, sig: str, grace: float, poll: float = 1.0) -> dict:
 
 
 def launch_detail(opts: SubmitOptions) -> dict:
-    return {k: v for k, v in vars(opts).items() if v not in (None, [], "")}
+    detail = {k: v for k, v in vars(opts).items() if v not in (None, [], "")}
+    if detail.get("workers_per_task") == 1:  # the usual: not worth a word in `slurm status`
+        del detail["workers_per_task"]
+    return detail
 
 
 def describe_detail(detail: dict) -> str:
-    keys = ("partition", "time", "gpus_per_worker", "cpus_per_worker", "cpu", "signal", "grace")
+    keys = ("partition", "time", "gpus_per_worker", "gpu_type", "workers_per_task",
+            "cpus_per_worker", "cpu", "signal", "grace")
     return ", ".join(f"{k}={json.dumps(detail[k]) if isinstance(detail[k], bool) else detail[k]}"
                      for k in keys if k in detail)

@@ -93,7 +93,10 @@ def cancel(queue: JobQueue, job_ids: tuple[str, ...], sig: str, grace: float) ->
             continue
         queue.cancel_launch("slurm", job_id)  # first: a stopped worker must not requeue
         done = array.cancel(job_id, sig, grace)
-        yield (f"SLURM job {job_id} cancelled: {done['signalled']} running worker(s) "
+        per_task = (known[job_id]["detail"] or {}).get("workers_per_task", 1)
+        running = (f"{done['signalled']} running task(s) of {per_task} workers"
+                   if per_task > 1 else f"{done['signalled']} running worker(s)")
+        yield (f"SLURM job {job_id} cancelled: {running} "
                "signalled to hand their jobs back" + (
                    f", {done['killed']} still running after {grace:g}s and killed (their "
                    "jobs resume from their last checkpoints)" if done["killed"] else ""))

@@ -42,15 +42,34 @@ def check_memory(value: str | None) -> None:
                       "number with K, M, G or T (16G)")
 
 
-def check_gpus(gpus_per_worker: int | None, cpu: bool) -> None:
+def check_gpus(gpus_per_worker: int | None, cpu: bool, gpu_type: str | None = None) -> None:
     """A worker trains on one GPU, or on the CPU with --cpu: what else would be asked for
     would sit idle (several GPUs) or leave the worker looking for a GPU it has not got."""
     if gpus_per_worker is not None and gpus_per_worker > 1:
         raise Refused(f"--gpus-per-worker {gpus_per_worker}: a worker trains on one GPU; "
-                      "ask for one per worker and more workers (--workers)")
+                      "ask for one per worker and more workers (--workers), or several "
+                      "workers per GPU (--workers-per-gpu)")
     if gpus_per_worker == 0 and not cpu:
         raise Refused("--gpus-per-worker 0 without --cpu: the workers would look for a GPU "
                       "they were not given; add --cpu to train on the CPU")
+    if gpu_type is not None and cpu:
+        raise Refused(f"--gpu-type {gpu_type} with --cpu: the workers ask for no GPU")
+    if gpu_type is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", gpu_type):
+        raise Refused(f"--gpu-type {gpu_type!r}: expected a GPU type as the cluster names it "
+                      "(letters, digits, '_', '.', '-'; e.g. a100)")
+
+
+def worker_args(lease: float | None = None, db_outage: float | None = None,
+                order: str | None = None, cache_dir: str | None = None) -> list[str]:
+    """The worker options a submission passes on (those given)."""
+    args: list[str] = []
+    for option, value in (("--lease", lease), ("--db-outage", db_outage)):
+        if value is not None:
+            args += [option, f"{value:g}"]
+    for option, value in (("--order", order), ("--cache-dir", cache_dir)):
+        if value:
+            args += [option, value]
+    return args
 
 
 def absolute_sqlite_url(url: str) -> str:
@@ -107,10 +126,13 @@ def prepare(queue: JobQueue, url: str, opts: SubmitOptions, logs: str | None, dr
     except array.SlurmError as e:
         raise Refused(str(e)) from None
     check_buckets([j["out_dir"] for j in pending])
-    if opts.workers > len(pending):  # a worker more than there are jobs would only exit
-        note(f"note: {opts.workers} worker(s) asked for {len(pending)} unfinished job(s): "
-             f"submitting {len(pending)}")
-        opts.workers = len(pending)
+    # A task more than there are jobs for would only exit.
+    needed = -(-len(pending) // opts.workers_per_task)
+    if opts.workers > needed:
+        asked = (f"{opts.workers} task(s) of {opts.workers_per_task} workers"
+                 if opts.workers_per_task > 1 else f"{opts.workers} worker(s)")
+        note(f"note: {asked} asked for {len(pending)} unfinished job(s): submitting {needed}")
+        opts.workers = needed
     return Submission(opts, url, folder, len(pending))
 
 
