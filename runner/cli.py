@@ -660,6 +660,30 @@ def logs(ctx, name, follow):
         pass
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def history(ctx, name, as_json):
+    """A job's claims: which worker and SLURM task ran each, from when to when, up to which
+    step, and how each ended (handed back and why, succeeded, failed, lease expired, ...).
+
+    NAME is the job's name, or any part of it that matches one job only.
+    """
+    import json
+
+    from runner.history import claims, to_text
+
+    queue = open_queue(ctx, readonly=True)
+    job = find_job(queue.jobs(config=False), name)
+    entries = claims(queue.events(job["id"]), queue.workers(), job["lease_token"])
+    if as_json:
+        click.echo(json.dumps({"name": job["name"], "state": job["state"], "claims": entries},
+                              indent=2))
+    else:
+        click.echo(to_text(job["name"], entries), nl=False)
+
+
 def find_job(jobs: list[dict], name: str) -> dict:
     """The job called `name`, else the only one whose name contains it."""
     exact = [j for j in jobs if j["name"] == name]

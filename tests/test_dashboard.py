@@ -162,6 +162,13 @@ def test_api_job_has_metrics_config_events_and_log(sweep):
     failed = get_json(sweep.base, f"api/jobs/{NAMES['s', 3]}")
     assert failed["job"]["state"] == "failed" and "Traceback" in failed["log_tail"]
     assert [e["kind"] for e in failed["events"] if e["kind"] != "heartbeat"][-1] == "fail"
+    [claim] = doc["claims"]
+    assert (claim["claim"], claim["attempt"], claim["outcome"]) == (1, 1, "succeeded")
+    assert claim["worker"] == next(e["worker"] for e in doc["events"] if e["kind"] == "claim")
+    assert claim["started_at"] <= claim["ended_at"]
+    [claim] = failed["claims"]
+    assert claim["outcome"] == "failed" and "metrics.jsonl" in claim["why"]  # the error
+    assert claim["why"] == failed["job"]["error"]
 
 
 @pytest.mark.parametrize("path", [
@@ -300,6 +307,7 @@ def test_the_page_in_a_browser_shows_the_sweep_and_follows_the_database(sweep, t
         assert "finished: test accuracy" in driver.find_element("id", "detail-log").text
         assert "train_steps: 30" in driver.find_element("id", "detail-config").text
         assert "finish" in driver.find_element("id", "detail-events").text
+        assert "succeeded" in driver.find_element("id", "detail-claims").text
         shot = tmp_path / f"dashboard-{sweep.backend}.png"
         driver.save_screenshot(str(shot))
         keep_artifact(shot)

@@ -69,6 +69,7 @@ def test_sigterm_puts_the_job_back_and_exits_0(db_url, tmp_path):
     assert (job["state"], job["attempts"]) == ("pending", 0)
     assert 30 <= job["step"] < 400
     assert ckpt.list_states(Path(job["out_dir"]))[0].name == f"state-{job['step']:07d}.pt"
+    stopped_at = job["step"]
     again = start_worker(db_url)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-2000:]
@@ -76,6 +77,18 @@ def test_sigterm_puts_the_job_back_and_exits_0(db_url, tmp_path):
     assert job["state"] == "succeeded"
     log = (Path(job["out_dir"]) / ckpt.LOG_FILE).read_text()
     assert log.count("=== attempt 1 by worker") == 1 and log.count("=== attempt 2 by worker") == 1
+    # history: a claim each, who ran it, how far and how it ended
+    shown = json.loads(cli(db_url, "history", "standard_V5", "--json").stdout)
+    first, second = shown["claims"]
+    assert (first["claim"], first["outcome"], first["why"]) == (1, "handed back",
+                                                                "signal SIGTERM")
+    assert first["worker"].endswith(f":cpu:{worker.pid}") and first["step"] == stopped_at
+    assert (second["claim"], second["outcome"], second["why"]) == (2, "succeeded", None)
+    assert second["worker"].endswith(f":cpu:{again.pid}")
+    assert first["ended_at"] <= second["started_at"] <= second["ended_at"]
+    text = cli(db_url, "history", job["name"]).stdout.splitlines()
+    assert text[0] == f"{job['name']}: 2 claim(s)" and len(text) == 5
+    assert "handed back" in text[3] and str(stopped_at) in text[3] and "signal SIGTERM" in text[3]
     same_result_as_uninterrupted(job, tmp_path)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from runner.history import claims
 from runner.jobfolders import local_folder
 from runner.reporting.results import Results, to_json
 from runner.reporting.results import what_was_run as results_what_was_run
@@ -166,8 +167,8 @@ def read_tail(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> tuple[str, bool]:
 
 def job_detail(queue, job: dict, status_row: dict, redactor: Redactor) -> dict:
     """Everything the page shows for one job: its status row, config, curves, events, log."""
-    events = []
-    for event in queue.events(job["id"]):
+    events, logged = [], queue.events(job["id"])
+    for event in logged:
         try:
             detail = json.loads(event["detail"]) if event["detail"] else None
         except ValueError:
@@ -175,8 +176,9 @@ def job_detail(queue, job: dict, status_row: dict, redactor: Redactor) -> dict:
         events.append({"at": event["at"], "kind": event["kind"], "worker": event["worker"],
                        "attempt": event["attempt"], "detail": detail})
     log, cut = read_tail(local_folder(job["out_dir"]) / LOG_FILE)
+    attempts = claims(logged, queue.workers(), job.get("lease_token"))
     return redactor.tree({
-        "name": job["name"], "job": status_row, "config": job["config"],
+        "name": job["name"], "job": status_row, "config": job["config"], "claims": attempts,
         # as in config.yaml: a browser's JSON numbers cannot hold the 63-bit seeds exactly
         "config_yaml": yaml.safe_dump(job["config"], sort_keys=False),
         "files": {"folder": redactor.folder(job["out_dir"]), "config": CONFIG_FILE,

@@ -321,6 +321,11 @@ async function drawDetail() {
     j.error ? el("pre", { class: "error" }, j.error) : "");
   drawCurves(doc.metrics, j.total_steps);
   $("detail-config").textContent = doc.config_yaml;
+  const when = (at) => (at === null ? "–" : new Date(at * 1000).toLocaleString());
+  $("detail-claims").tBodies[0].replaceChildren(...doc.claims.map((c) => el("tr", {},
+    el("td", {}, String(c.claim)), el("td", {}, when(c.started_at)), el("td", {}, when(c.ended_at)),
+    el("td", {}, c.worker || ""), el("td", {}, c.slurm_task || "–"), el("td", {}, c.outcome),
+    el("td", {}, c.step === null ? "" : String(c.step)), el("td", {}, c.why || ""))));
   $("detail-events").tBodies[0].replaceChildren(...doc.events.map((ev) => el("tr", {},
     el("td", {}, new Date(ev.at * 1000).toLocaleString()), el("td", {}, ev.kind),
     el("td", {}, ev.attempt === null ? "" : String(ev.attempt)), el("td", {}, ev.worker || ""),
