@@ -20,7 +20,7 @@ RUNNER  := $(PY) -m runner $(if $(DB),--db '$(DB)')
 
 .DEFAULT_GOAL := help
 .PHONY: help install plan worker workers slurm status requeue cancel pause resume results plot \
-        report serve test test-fast lint demo clean-demo study-cpu
+        report serve test test-fast coverage lint demo clean-demo study-cpu
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -103,6 +103,12 @@ test-fast: $(STAMP) ## lint and the tests that need no server and are not slow (
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m '$(FAST)'; s=$$?; \
 	  if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$s
+
+# TESTS= narrows what is measured (pytest arguments); the report goes to coverage.txt too.
+coverage: $(STAMP) ## branch coverage per module, workers in subprocesses included (bash .ci/run coverage: with the servers)
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q $(TESTS); s=$$?; \
+	  $(PY) -m coverage combine -q && $(PY) -m coverage report | tee coverage.txt; exit $$s
 
 DEMO_DB := sqlite:///runs/demo/queue.sqlite
 DEMO    := $(PY) -m runner --db $(DEMO_DB)
