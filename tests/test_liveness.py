@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from runner.liveness import HOST, dead_reason
+from runner.liveness import HOST, _pid_exists, dead_reason, process_token
 from testing.audit import lease_violations
-from tests.support.commands import cli, dead_pid, long_job, start_worker
+from tests.support.commands import PYTHON, ROOT, cli, dead_pid, long_job, start_worker
 from tests.support.queues import rows
 from tests.support.waiting import wait_for
 from trainer import checkpoint as ckpt
@@ -134,3 +136,49 @@ def test_a_worker_whose_lease_was_taken_stops_training(tmp_path):
     taken = next(e for e in events if e["kind"] == "claim" and e["worker"] == "thief")
     assert [e for e in events if e["id"] > taken["id"] and e["token"] not in (None,
                                                                              taken["token"])] == []
+
+
+# --- the process identity behind a worker's name ------------------------------------------
+
+
+def test_a_process_token_is_its_boot_and_start_time_even_behind_an_odd_name(tmp_path):
+    """/proc/PID/stat puts the command name in parentheses, and a name may hold ') ' and
+    numbers: the fields are read after the last one. The start time is checked against the
+    clock (boot time + ticks), so reading another field would show."""
+    odd = tmp_path / "w) 1 2 3"
+    shutil.copy(shutil.which("sleep"), odd)
+    proc = subprocess.Popen([str(odd), "30"])
+    try:
+        boot, ticks = process_token(proc.pid).rsplit(":", 1)
+        assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        started = btime + int(ticks) / os.sysconf("SC_CLK_TCK")
+        assert abs(started - time.time()) < 5, (started, time.time())
+        assert process_token(proc.pid) == f"{boot}:{ticks}"  # the same process: the same token
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_token(proc.pid) is None  # gone
+
+
+def test_looking_at_a_pid_sends_nothing_and_a_process_one_may_not_signal_exists():
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _pid_exists(proc.pid)
+        time.sleep(0.3)
+        assert proc.poll() is None  # no signal reached it (SIGHUP would end a sleep)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _pid_exists(proc.pid)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user")
+    # As another user, signalling pid 1 is refused: refused means it exists.
+    # (everything it needs loaded first: the new user may not read this Python's files)
+    code = "import os; from runner.liveness import _pid_exists; _pid_exists(os.getpid()); " \
+           "os.setuid(65534); print(_pid_exists(1))"
+    check = subprocess.run([PYTHON, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert check.stdout.strip() == "True", check.stderr
+
