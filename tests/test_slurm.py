@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from db import JobQueue, connect
+from runner.slurm import array
 from testing import slurmcluster
 from tests.support.commands import PYTHON, ROOT, plan, refused_line, runner_env, start_worker
 from tests.support.queues import new_pg_database
@@ -172,19 +173,26 @@ def test_multi_node_partitions_need_postgresql_and_shared_folders(env, tmp_path,
     assert re.fullmatch(r"error: the partition spans 2 nodes, but job folder /tmp/\S+ is on a "
                         r"node-local filesystem \(\w+\): plan with --out-root on a shared "
                         r"filesystem; --force submits anyway", line), line
-    shared = ROOT / "runs" / f"test-slurm-{os.getpid()}"
+    # Folders outside /tmp: beside the checkout, or in the home folder when the checkout
+    # itself is under /tmp (a throwaway clone), which is then refused first.
+    checkout_local = array.node_local(str(ROOT))
+    shared = (Path.home() if checkout_local else ROOT / "runs") / f"test-slurm-{os.getpid()}"
     try:
         pg = {**env, "RUNNER_DB": new_pg_database(pg_server_url)}
         proc = run(pg, "plan", "--profile", "smoke", "--only", "V=5", "--only", "N=256",
                    "--out-root", str(shared))
         assert proc.returncode == 0, proc.stderr
-        # The test's PostgreSQL listens on localhost: each node would reach only itself.
         line = refused_line(run(pg, "slurm", "submit", "--workers", "8", "--partition",
                                 "multi", "--dry-run"))
-        assert re.fullmatch(r"error: the partition spans 2 nodes, but the queue's database "
-                            r"host is (localhost|127\.0\.0\.1|a local socket): each node "
-                            r"would reach only itself; name the host by a name every node "
-                            r"resolves; --force submits anyway", line), line
+        if checkout_local:
+            assert line == (f"error: the partition spans 2 nodes, but the checkout {ROOT} is "
+                            f"on a node-local filesystem ({checkout_local}): run from a "
+                            "checkout on a shared filesystem; --force submits anyway"), line
+        else:  # the test's PostgreSQL listens on localhost: each node would reach only itself
+            assert re.fullmatch(r"error: the partition spans 2 nodes, but the queue's database "
+                                r"host is (localhost|127\.0\.0\.1|a local socket): each node "
+                                r"would reach only itself; name the host by a name every node "
+                                r"resolves; --force submits anyway", line), line
         proc = run(pg, "slurm", "submit", "--workers", "8", "--partition", "multi", "--dry-run",
                    "--force")
         assert proc.returncode == 0, proc.stderr
