@@ -368,6 +368,48 @@ def test_report_is_one_self_contained_file_with_the_sweep(sweep, tmp_path):
     assert PASSWORD not in page and str(sweep.folder) not in page and str(ROOT) not in page
 
 
+def many_jobs(url: str, count: int, folder) -> JobQueue:
+    """A queue of `count` small pending jobs (rows written directly: no plan of the study)."""
+    queue = JobQueue(connect(url, create=True))
+    queue.plan([{"name": f"many_{i:05d}", "v": 5, "n": 256, "model": "gpt2", "run": 1,
+                 "position": i, "cost": 1.0, "config": {}, "out_dir": str(folder / f"m{i}"),
+                 "total_steps": 10, "max_attempts": 3, "profile": "smoke", "overrides": []}
+                for i in range(count)])
+    return queue
+
+
+@pytest.mark.slow
+def test_the_job_table_pages_a_sweep_of_10000_jobs(tmp_path):
+    url = f"sqlite:///{tmp_path / 'q.sqlite'}"
+    many_jobs(url, 10_000, tmp_path / "runs").engine.dispose()
+    proc, base = start_server(url, cwd=tmp_path)
+    driver = chrome()
+    try:
+        started = time.monotonic()
+        driver.get(base)
+        wait_for(lambda: len(rows_by_state(driver)) == 200, 120, "the first page of rows")
+        print(f"10,000 jobs: the first page drawn {time.monotonic() - started:.1f} s after "
+              "the page was asked for")
+        names = list(rows_by_state(driver))
+        assert names[0] == "many_00000" and names[-1] == "many_00199"
+        pager = driver.find_element("id", "page-text").text
+        assert pager == "rows 1–200 of 10000, page 1 of 50"
+        assert driver.find_element("id", "shown").text == "(10000 of 10000 shown)"
+        driver.find_element("id", "page-next").click()
+        wait_for(lambda: next(iter(rows_by_state(driver)), None) == "many_00200", 30,
+                 "the second page")
+        assert len(rows_by_state(driver)) == 200
+        assert driver.find_element("id", "page-prev").is_enabled()
+        # A filter goes back to its first page; a narrow one needs no pager.
+        driver.execute_script("const t = document.getElementById('f-text'); t.value='many_0999';"
+                              "t.dispatchEvent(new Event('input'))")
+        assert list(rows_by_state(driver)) == [f"many_0999{d}" for d in range(10)]
+        assert not driver.find_element("id", "page-next").is_displayed()
+    finally:
+        driver.quit()
+        stop_server(proc)
+
+
 @pytest.mark.slow
 def test_report_opens_offline_in_a_browser_with_every_figure(sweep, tmp_path):
     out = tmp_path / "report.html"

@@ -126,14 +126,19 @@ function workerCell(name) {
     `${name} (SLURM ${w.slurm_array}${w.gpus ? `, GPU ${w.gpus}` : ""})`);
 }
 
+// The table shows a page of the jobs that pass the filters: a sweep of 10,000 jobs stays a
+// table of PAGE_ROWS rows, however many the queue holds.
+const PAGE_ROWS = 200;
+let page = 0;
+
 function drawJobs() {
   if (!status) return;
   const tbody = $("jobs").tBodies[0];
   const rows = [];
-  let shown = 0;
-  for (const job of status.jobs) {
-    if (!visible(job)) continue;
-    shown += 1;
+  const matching = status.jobs.filter(visible);
+  const pages = Math.max(1, Math.ceil(matching.length / PAGE_ROWS));
+  page = Math.min(page, pages - 1);
+  for (const job of matching.slice(page * PAGE_ROWS, (page + 1) * PAGE_ROWS)) {
     const extra = (latest && latest.jobs[job.name]) || null;
     const ev = extra && extra.eval;
     const acc = job.test_accuracy ?? (ev ? ev.test_accuracy : null);
@@ -161,7 +166,18 @@ function drawJobs() {
     rows.push(tr);
   }
   tbody.replaceChildren(...rows);
-  $("shown").textContent = `(${shown} of ${status.jobs.length} shown)`;
+  const first = matching.length ? page * PAGE_ROWS + 1 : 0;
+  $("shown").textContent = `(${matching.length} of ${status.jobs.length} shown)`;
+  $("page-text").textContent = matching.length > PAGE_ROWS
+    ? `rows ${first}–${first + rows.length - 1} of ${matching.length}, page ${page + 1} of ${pages}` : "";
+  $("page-prev").hidden = $("page-next").hidden = matching.length <= PAGE_ROWS;
+  $("page-prev").disabled = page === 0;
+  $("page-next").disabled = page >= pages - 1;
+}
+
+function turnPage(by) {
+  page = Math.max(0, page + by);
+  drawJobs();
 }
 
 // --- results and the figure ---------------------------------------------------------------
@@ -383,7 +399,11 @@ async function start() {
     $("queue").textContent = info.queue;
     refreshMs = Math.max(500, 1000 * info.refresh_seconds);
   } catch (e) { /* the refresh loop reports it */ }
-  for (const id of ["f-v", "f-n", "f-model", "f-state", "f-text"]) $(id).addEventListener("input", drawJobs);
+  for (const id of ["f-v", "f-n", "f-model", "f-state", "f-text"]) {
+    $(id).addEventListener("input", () => { page = 0; drawJobs(); });
+  }
+  $("page-prev").addEventListener("click", () => turnPage(-1));
+  $("page-next").addEventListener("click", () => turnPage(1));
   $("jobs").tBodies[0].addEventListener("click", (e) => {
     const tr = e.target.closest("tr[data-name]");
     if (tr) openDetail(tr.dataset.name);
