@@ -20,7 +20,7 @@ RUNNER  := $(PY) -m runner $(if $(DB),--db '$(DB)')
 
 .DEFAULT_GOAL := help
 .PHONY: help install plan worker workers slurm status requeue cancel pause resume results plot \
-        report serve test test-fast coverage lint demo clean-demo study-cpu
+        report serve test test-fast coverage mutmut lint demo clean-demo study-cpu
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -109,6 +109,12 @@ coverage: $(STAMP) ## branch coverage per module, workers in subprocesses includ
 	rm -f .coverage .coverage.*
 	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q $(TESTS); s=$$?; \
 	  $(PY) -m coverage combine -q && $(PY) -m coverage report | tee coverage.txt; exit $$s
+
+# MUTANTS="runner.liveness*" narrows mutmut to those names (all of [tool.mutmut]: hours).
+mutmut: $(STAMP) ## mutmut 3 over the queue, liveness and checkpoint code; lists the survivors
+	$(PY) -m pip install -q -e '.[mutation]'
+	rm -rf mutants
+	$(VENV)/bin/mutmut run $(MUTANTS); $(VENV)/bin/mutmut results
 
 DEMO_DB := sqlite:///runs/demo/queue.sqlite
 DEMO    := $(PY) -m runner --db $(DEMO_DB)
