@@ -450,6 +450,25 @@ def test_a_state_still_being_written_is_not_uploaded_until_its_manifest_is(tmp_p
         "state-0000030.json", "state-0000030.pt"]
 
 
+def test_an_older_attempts_states_go_once_a_newer_one_supersedes_them(tmp_path, root):
+    """Attempt 2 resumes from attempt 1's state 10 and trains on: once its head no longer
+    names that state, attempt 2 deletes it (it is under attempt 1's keys, not its own)."""
+    out_dir = f"{root}/table_connectivity/job"
+    job = s3.S3Path.parse(out_dir)
+    first = JobSync(out_dir, 1, tmp_path / "a", budget=5, on_fenced=print)
+    fake_training(first.fetch(), 10)
+    first.upload()
+    heir = JobSync(out_dir, 2, tmp_path / "b", budget=5, on_fenced=print)
+    local = heir.fetch()
+    fake_training(local, 20)
+    fake_training(local, 30)  # the trainer keeps two states: 10 is pruned here
+    heir.upload()
+    assert [key for key, _ in s3.listing(job.join("a0001/state"))] == []
+    assert sorted(r for r in read_head(job).files if r.startswith("state/")) == [
+        "state/state-0000020.json", "state/state-0000020.pt",
+        "state/state-0000030.json", "state/state-0000030.pt"]
+
+
 def test_a_state_pruned_while_it_went_up_is_deleted_by_its_owner(tmp_path, root, monkeypatch):
     """A slow upload pass (an outage): the trainer prunes state 20 between the put of its .pt
     and the read of its manifest. The .pt is in the bucket, never named: its owner deletes it."""
