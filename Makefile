@@ -104,11 +104,16 @@ test-fast: $(STAMP) ## lint and the tests that need no server and are not slow (
 	$(PY) -m pytest -q -m '$(FAST)'; s=$$?; \
 	  if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$s
 
-# TESTS= narrows what is measured (pytest arguments); the report goes to coverage.txt too.
+# TESTS= narrows what is measured (pytest arguments); the table goes to coverage.txt too.
+# The data files go under build/coverage: tests check that a refused command leaves the
+# checkout's top folder as it was.
+COVERAGE_DATA := $(CURDIR)/build/coverage
 coverage: $(STAMP) ## branch coverage per module, workers in subprocesses included (bash .ci/run coverage: with the servers)
-	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q $(TESTS); s=$$?; \
-	  $(PY) -m coverage combine -q && $(PY) -m coverage report | tee coverage.txt; exit $$s
+	rm -rf $(COVERAGE_DATA) && mkdir -p $(COVERAGE_DATA)
+	COVERAGE_FILE=$(COVERAGE_DATA)/.coverage $(PY) -m coverage run -m pytest -q $(TESTS); s=$$?; \
+	  export COVERAGE_FILE=$(COVERAGE_DATA)/.coverage; $(PY) -m coverage combine -q && \
+	  $(PY) -m coverage json -q -o $(COVERAGE_DATA)/coverage.json && \
+	  $(PY) -m testing.coverage_table $(COVERAGE_DATA)/coverage.json | tee coverage.txt; exit $$s
 
 # MUTANTS="runner.liveness*" narrows mutmut to those names (all of [tool.mutmut]: hours).
 mutmut: $(STAMP) ## mutmut 3 over the queue, liveness and checkpoint code; lists the survivors

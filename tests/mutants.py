@@ -295,8 +295,8 @@ MUTANTS = [
            "            if False:",
            (BUCKET, "-k", "answer_was_lost")),
     Mutant("superseded states are those the attempt last named", "runner/bucket/sync.py",
-           "                dropped = [self.job.join(key).key for rel, key in before.files.items()",
-           "                dropped = [self.job.join(key).key for rel, key in self.head.files.items()",
+           "dropped = [self.job.join(key).key for rel, key in before.files.items()",
+           "dropped = [self.job.join(key).key for rel, key in self.head.files.items()",
            (BUCKET, "-k", "answer_was_lost or older_attempts_states")),
     Mutant("a working copy in use is not cleared", "runner/bucket/sync.py",
            "                with lock.acquire(timeout=0):\n"
