@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import time
 
+from runner.status import text_table
+
 ENDINGS = {"release": "handed back", "finish": "succeeded", "fail": "failed",
            "cancel": "cancelled", "expire": "lease expired", "reclaim": "worker lost"}
 
@@ -62,10 +64,7 @@ def to_text(name: str, entries: list[dict]) -> str:
             for e in entries]
     headers = ["claim", "attempt", "started", "ended", "worker", "SLURM task", "outcome",
                "step", "why"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = [f"{name}: {len(entries)} claim(s)"]
-    for cells in [headers, ["-" * w for w in widths], *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+    lines = [f"{name}: {len(entries)} claim(s)", *text_table(headers, rows)]
     return "\n".join(lines) + "\n"
 
 

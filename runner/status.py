@@ -103,7 +103,7 @@ def status_json(snap: dict, listing: Listing = Listing()) -> str:
                        "jobs": out}, indent=2)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+def text_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
@@ -152,7 +152,7 @@ def status_text(snap: dict, where: str, listing: Listing = Listing()) -> str:
                          f"{bar(frac)} {100 * frac:3.0f}% {j['step']}/{j['total_steps']}", loss,
                          test, "-" if rate is None else f"{rate:.2f}",
                          duration(j["claimed_age"]), age, eta])
-        out += ["", "running:", *_table(["name", "worker (host:gpu:pid) [peak GPU memory]",
+        out += ["", "running:", *text_table(["name", "worker (host:gpu:pid) [peak GPU memory]",
                                          "progress", "loss", "test acc/bal %", "steps/s",
                                          "elapsed", "heartbeat", "ETA"], rows)]
         if any(j["stale"] for j in running):
@@ -165,7 +165,7 @@ def status_text(snap: dict, where: str, listing: Listing = Listing()) -> str:
     if failed:
         rows = [[j["name"], str(j["attempts"]), _first_line(j["error"])]
                 for j in failed[:FAILED_SHOWN]]
-        out += ["", "failed:", *_table(["name", "attempts", "error"], rows)]
+        out += ["", "failed:", *text_table(["name", "attempts", "error"], rows)]
         if len(failed) > FAILED_SHOWN:
             out.append(f"... and {len(failed) - FAILED_SHOWN} more failed jobs: "
                        "status --state failed lists them all")
@@ -197,5 +197,5 @@ def _listing_table(jobs: list[dict], listing: Listing) -> list[str]:
              _first_line(j["error"]) if j["state"] == "failed" else (j["worker"] or "-")]
             for j in page]
     return ["", f"jobs ({which}): {shown}",
-            *_table(["name", "state", "attempts", "step", "test acc %", "worker / error"],
+            *text_table(["name", "state", "attempts", "step", "test acc %", "worker / error"],
                     rows)]
