@@ -365,6 +365,9 @@ MUTANTS = [
     Mutant("a group passes a stop signal on to each member", "runner/group.py",
            "                member.send_signal(signum)", "                pass",
            ("tests/test_worker_group.py", "-k", "TERM")),
+    Mutant("readers ask an unreachable endpoint once per command", "runner/bucket/view.py",
+           "fallback.unreachable = s3.transient(e)", "fallback.unreachable = False",
+           ("tests/test_bucket_view.py",)),
 ]
 
 
