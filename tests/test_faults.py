@@ -23,7 +23,7 @@ import pytest
 
 from db import JobQueue, connect
 from testing.audit import finishes_per_job, lease_violations
-from tests.support.commands import PYTHON, cli, plan
+from tests.support.commands import PYTHON, cli, long_job, plan
 from tests.support.queues import mark_as_queue_first
 from tests.support.training import assert_bit_identical, train_1thread
 from trainer import atomic
@@ -322,7 +322,9 @@ def test_losing_the_wal_s_last_transaction_loses_no_finished_result(tmp_path):
 
 def test_first_heartbeat_comes_within_the_lease_of_the_claim(tmp_path):
     url = f"sqlite:///{tmp_path / 'queue.sqlite'}"
-    plan_one(url, tmp_path).engine.dispose()
+    # 400 steps: the job outlasts its 1 s lease, so beats are due (the 30-step smoke job can
+    # finish before the first one, a quarter of the lease in).
+    long_job(url, tmp_path).engine.dispose()
     proc = worker(url, "--lease", "1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     queue = JobQueue(connect(url))
@@ -331,6 +333,7 @@ def test_first_heartbeat_comes_within_the_lease_of_the_claim(tmp_path):
     seen = [(e["kind"], e["token"]) for e in events]
     (finish,) = [e for e in events if e["kind"] == "finish"]
     (claim,) = [e for e in events if e["kind"] == "claim" and e["token"] == finish["token"]]
+    assert finish["at"] - claim["at"] > 1.0, "the job must outlast the lease for this test"
     beats = [e for e in events if e["kind"] == "heartbeat" and e["token"] == claim["token"]]
     assert beats, f"no heartbeat from the attempt that finished: {seen}"
     beat = beats[0]
