@@ -375,10 +375,11 @@ def status(ctx, as_json, watch, states, limit, offset):
     listing = Listing(states=tuple(states), limit=limit, offset=offset)
 
     def report() -> str:
-        snap = snapshot(queue)
         if as_json:
-            return status_json(snap, listing)
-        return status_text(snap, mask_url(ctx.obj["db"]), listing)
+            return status_json(snapshot(queue, listing))
+        # The plain table reads whole only the jobs it shows (running, failed).
+        return status_text(snapshot(queue, None if listing == Listing() else listing),
+                           mask_url(ctx.obj["db"]))
 
     if watch is None:
         click.echo(report())

@@ -19,6 +19,16 @@ RUNNING_FIELDS = ("peak_memory",)
 FAILED_SHOWN = 20
 
 
+# What the ETA, the liveness check and the summary lines read of every job; the jobs a report
+# lists are read whole. At 100,000 jobs, reading every column of every job was most of
+# status's time.
+PROGRESS_COLUMNS = ("name", "state", "v", "model", "step", "total_steps", "cost", "worker",
+                    "claimed_at", "progress_at", "finished_at", "heartbeat_at", "lease_seconds",
+                    "stop_request", "error")
+# What the status table lists when no listing is asked for (the failed jobs capped in it).
+TABLE_STATES = ("running", "failed")
+
+
 @dataclasses.dataclass(frozen=True)
 class Listing:
     """Which jobs a report lists: those in `states` (all when empty), a page of them."""
@@ -27,11 +37,14 @@ class Listing:
     limit: int | None = None
     offset: int = 0
 
-    def page(self, jobs: list[dict]) -> tuple[list[dict], int]:
-        """(the jobs of this page, how many jobs the filter matched)."""
-        chosen = [j for j in jobs if j["state"] in self.states] if self.states else jobs
-        end = None if self.limit is None else self.offset + self.limit
-        return chosen[self.offset:end], len(chosen)
+    def read(self, queue, configs: bool = False) -> list[dict]:
+        """This listing's jobs, read whole (their configs too with `configs`)."""
+        return queue.jobs(config=configs, states=self.states, offset=self.offset,
+                          limit=self.limit)
+
+    def matched(self, jobs: list[dict]) -> int:
+        """How many of `jobs` (every job) the filter matches, the page aside."""
+        return sum(1 for j in jobs if j["state"] in self.states) if self.states else len(jobs)
 
 
 WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive", "dead", "gpus",
@@ -63,27 +76,33 @@ def judge_workers(workers: list[dict]) -> list[dict]:
     return workers
 
 
-def snapshot(queue, configs: bool = False) -> dict:
-    """Everything a status report shows, read once (a few queries, whatever the job count);
-    `configs`: the jobs' configs and tracebacks too (the report shows what was run)."""
-    counts, jobs = queue.counts(), queue.jobs(config=configs)
+def snapshot(queue, listing: Listing | None = Listing(), configs: bool = False) -> dict:
+    """Everything a status report shows, read once (a few queries, whatever the job count):
+    `jobs`, the listing's jobs read whole (`configs`: their configs and tracebacks too, as
+    the report shows what was run), or with no listing those the status table shows (the
+    running and failed ones); `every`, a few columns of every job (PROGRESS_COLUMNS)."""
+    counts = queue.counts()
+    every = queue.jobs(config=False, columns=PROGRESS_COLUMNS)
+    jobs = (listing.read(queue, configs) if listing is not None
+            else queue.jobs(config=False, states=TABLE_STATES))
     workers = judge_workers(queue.workers())
     processes = {w["name"]: w["process"] for w in workers}
-    for job in jobs:
+    for job in (*every, *jobs):
         job["stale"] = stale_reason(job, processes)
     starts = queue.attempt_starts()
     live = [w for w in workers if w["alive"]]
-    return {"counts": counts, "jobs": jobs, "workers": workers, "paused": queue.paused(),
-            "progress": sweep_progress(jobs, starts, workers_alive=len(live))}
+    return {"counts": counts, "jobs": jobs, "every": every, "listing": listing,
+            "matched": len(jobs) if listing is None else listing.matched(every),
+            "workers": workers, "paused": queue.paused(),
+            "progress": sweep_progress(every, starts, workers_alive=len(live))}
 
 
-def status_json(snap: dict, listing: Listing = Listing()) -> str:
+def status_json(snap: dict) -> str:
     """The `status --json` document. `jobs` holds the listing's page; `jobs_matched` says how
     many jobs its filter matched, to page through them."""
     p = snap["progress"]
     out = []
-    page, matched = listing.page(snap["jobs"])
-    for job in page:
+    for job in snap["jobs"]:
         row = {k: job[k] for k in JOB_FIELDS}
         if job["state"] == "running":
             row.update({k: job[k] for k in RUNNING_FIELDS})
@@ -99,8 +118,8 @@ def status_json(snap: dict, listing: Listing = Listing()) -> str:
     # ran what stays readable after the array ended.
     workers = [{k: w[k] for k in WORKER_FIELDS} for w in snap["workers"]]
     return json.dumps({"counts": snap["counts"], "paused": snap["paused"] is not None,
-                       "progress": progress, "workers": workers, "jobs_matched": matched,
-                       "jobs": out}, indent=2)
+                       "progress": progress, "workers": workers,
+                       "jobs_matched": snap["matched"], "jobs": out}, indent=2)
 
 
 def text_table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -112,7 +131,7 @@ def text_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
 
 
-def status_text(snap: dict, where: str, listing: Listing = Listing()) -> str:
+def status_text(snap: dict, where: str) -> str:
     """The status table: counts, ETA, workers, then the running jobs, the first failed ones,
     late cancels and cancelled jobs; with a listing that names states or a page, the jobs of
     that listing instead of the running and failed tables."""
@@ -132,8 +151,9 @@ def status_text(snap: dict, where: str, listing: Listing = Listing()) -> str:
         out += [f"  {w['name']}: SLURM task {w['slurm_array']} (job {w['slurm_job_id']}, "
                 f"restart {w['slurm_restarts']}, GPUs {w['gpus'] or '-'})"
                 for w in live if w["slurm_array"]]
-    if listing != Listing():
-        return "\n".join(out + _listing_table(jobs, listing))
+    listing = snap["listing"]
+    if listing not in (None, Listing()):
+        return "\n".join(out + _listing_table(jobs, snap["matched"], listing))
     running = [j for j in jobs if j["state"] == "running"]
     if running:
         rows = []
@@ -169,12 +189,12 @@ def status_text(snap: dict, where: str, listing: Listing = Listing()) -> str:
         if len(failed) > FAILED_SHOWN:
             out.append(f"... and {len(failed) - FAILED_SHOWN} more failed jobs: "
                        "status --state failed lists them all")
-    late = [f"{j['name']} ({j['state']})" for j in jobs
+    late = [f"{j['name']} ({j['state']})" for j in snap["every"]
             if j["stop_request"] == "cancel" and j["state"] in ("succeeded", "failed")]
     if late:
         out += ["", f"cancel came too late ({len(late)}; the job ended first): "
                 + ", ".join(late[:6]) + (", ..." if len(late) > 6 else "")]
-    cancelled = [j["name"] for j in jobs if j["state"] == "cancelled"]
+    cancelled = [j["name"] for j in snap["every"] if j["state"] == "cancelled"]
     if cancelled:
         out += ["", f"cancelled ({len(cancelled)}; requeue NAME brings one back): "
                 + ", ".join(cancelled[:6]) + (", ..." if len(cancelled) > 6 else "")]
@@ -185,8 +205,7 @@ def _first_line(text: str | None) -> str:
     return text.splitlines()[0][:100] if text else "-"
 
 
-def _listing_table(jobs: list[dict], listing: Listing) -> list[str]:
-    page, matched = listing.page(jobs)
+def _listing_table(page: list[dict], matched: int, listing: Listing) -> list[str]:
     which = "/".join(listing.states) or "all"
     shown = (f"{listing.offset + 1}-{listing.offset + len(page)} of {matched}" if page
              else f"none of {matched}")

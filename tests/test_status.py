@@ -45,7 +45,7 @@ def test_state_limit_and_offset_page_through_the_jobs(queue, db_url):
     queue.plan(rows("V=5"))
     failed = fail_all(queue, 6)
     listing = Listing(states=("failed",), limit=2, offset=3)
-    doc = json.loads(status_json(snapshot(queue), listing))
+    doc = json.loads(status_json(snapshot(queue, listing)))
     assert doc["jobs_matched"] == 6 and doc["counts"]["failed"] == 6
     assert [j["name"] for j in doc["jobs"]] == failed[3:5]
     assert [j["error"] for j in doc["jobs"]] == ["error 3\ntraceback line",
@@ -93,3 +93,36 @@ def test_a_stale_job_is_promised_a_takeover_only_by_a_live_worker(queue):
     text = status_text(snapshot(queue), "q")
     assert ("stale jobs are taken over by the next worker that looks for work (at once on "
             "their own host), or: requeue --name NAME") in text.splitlines()
+
+
+def test_the_table_reads_whole_only_what_it_shows_and_says_the_same(queue):
+    """The plain table reads every job's few progress columns and the running and failed
+    jobs whole: it must say exactly what it says from every job read whole (the ETA, the
+    diverged advice, late cancels and cancelled jobs come from the few columns)."""
+    queue.plan(rows("V=5"))   # 30 jobs
+    done = queue.claim("a", 600)
+    queue.progress(done, 10, 0.4)
+    queue.finish(done, {"accuracy": 0.5, "balanced_accuracy": 0.5})
+    late = queue.claim("b", 600)
+    queue.cancel([late.name])                       # asked too late: the job ends first
+    queue.finish(late, {"accuracy": 0.5, "balanced_accuracy": 0.5})
+    queue.fail(queue.claim("c", 600), "ValueError: loss became nan at step 3")
+    queue.cancel([queue.jobs(states=("pending",), limit=1)[0]["name"]])
+    running = queue.claim("d", 600)
+    queue.progress(running, 2, 0.7)
+
+    few, whole = snapshot(queue, None), snapshot(queue)
+    assert [j["name"] for j in few["jobs"]] == [
+        j["name"] for j in whole["jobs"] if j["state"] in ("running", "failed")]
+    assert len(few["jobs"]) == 2
+    assert few["progress"]["failed_diverged"] == 1
+    assert {k: v for k, v in few["progress"].items() if k != "job_eta"} == {
+        k: v for k, v in whole["progress"].items() if k != "job_eta"}
+    table = status_text(few, "q")
+    assert table == status_text(whole, "q")
+    lines = table.splitlines()
+    assert lines[0] == ("queue q: 30 jobs  pending 25  running 1  succeeded 2  failed 1  "
+                        "cancelled 1")
+    assert any(line.startswith(running.name) for line in lines)
+    assert f"cancel came too late (1; the job ended first): {late.name} (succeeded)" in lines
+    assert sum(line.startswith("cancelled (1;") for line in lines) == 1
