@@ -60,6 +60,8 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE workers ADD COLUMN slurm_array VARCHAR(64)",
         "ALTER TABLE workers ADD COLUMN slurm_restarts INTEGER",
         "ALTER TABLE workers ADD COLUMN gpus VARCHAR(64)"],
+    # 4: the events' index by kind (db/models.py, Event).
+    3: ["CREATE INDEX IF NOT EXISTS ix_events_kind_job ON events (kind, job_id, id)"],
 }
 # SQLite's READONLY and CANTOPEN: what a file or folder this process may not write gives.
 SQLITE_NO_ACCESS = {8, 14}

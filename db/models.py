@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 # Asked of a running job's worker, seen at its next write. A cancel that came too late (the
 # job succeeded or failed first) stays on the ended row, for status to report.
@@ -109,6 +109,11 @@ class Event(Base):
     token: Mapped[str | None] = mapped_column(String(64))
     attempt: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
+
+    # Each job's last claim (status's ETA) and the claims per worker (the report), read
+    # without scanning the heartbeats: a sweep writes one a beat, millions of rows (status
+    # at 100,000 jobs and 2.1 million events: 3.6 s for the last claims, 2 ms with it).
+    __table_args__ = (Index("ix_events_kind_job", "kind", "job_id", "id"),)
 
 
 class Launch(Base):

@@ -800,6 +800,13 @@ class JobQueue:
                 starts[job_id] = step
         return starts
 
+    def claims_by_worker(self) -> dict[str, int]:
+        """How many claims each worker ever made (the claim events, counted in SQL)."""
+        query = (select(Event.worker, func.count()).where(Event.kind == "claim",
+                                                           Event.worker.is_not(None))
+                 .group_by(Event.worker))
+        return dict(self._read(lambda conn: conn.execute(query).all()))
+
     def events(self, job_id: int | None = None) -> list[dict]:
         query = select(*Event.__table__.columns).order_by(Event.id)
         if job_id is not None:

@@ -6,7 +6,7 @@ import re
 import subprocess
 
 import pytest
-from sqlalchemy import create_engine, exc, text, update
+from sqlalchemy import create_engine, exc, inspect, text, update
 
 from db import DatabaseError, JobQueue, connect, mask_url
 from db import engine as engine_module
@@ -52,7 +52,7 @@ def test_a_version_1_queue_is_migrated_in_place_keeping_its_rows(queue, db_url):
         assert tuple(row) == ("table_connectivity_standard_V5_N256_run1", 2, 2, None)
         assert conn.execute(text("SELECT count(*) FROM workers")).scalar() == 0
         version = conn.execute(text("SELECT value FROM meta WHERE key='schema_version'"))
-        assert version.scalar() == "3"
+        assert version.scalar() == "4"
     assert JobQueue(engine).claim("w", 60).attempt == 3  # claims go on counting
     engine.dispose()
 
@@ -71,8 +71,28 @@ def test_a_version_2_queue_gains_the_slurm_columns_keeping_its_workers(queue, db
         assert tuple(row) == ("h:0:1", "cpu", None, None)
         assert conn.execute(text("SELECT count(*) FROM launches")).scalar() == 0
         assert conn.execute(text("SELECT value FROM meta WHERE key='schema_version'")
-                            ).scalar() == "3"
+                            ).scalar() == "4"
     engine.dispose()
+
+
+def test_a_version_3_queue_gains_the_events_index_keeping_its_events(queue, db_url):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    queue.claim("h:0:1", 60)
+    with queue.engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_events_kind_job"))
+        conn.execute(update(Meta).where(Meta.key == "schema_version").values(value="3"))
+    assert "ix_events_kind_job" not in index_names(queue.engine, "events")
+    engine = connect(db_url)
+    assert index_names(engine, "events")["ix_events_kind_job"] == ["kind", "job_id", "id"]
+    assert JobQueue(engine).claims_by_worker() == {"h:0:1": 1}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT value FROM meta WHERE key='schema_version'")
+                            ).scalar() == "4"
+    engine.dispose()
+
+
+def index_names(engine, table: str) -> dict[str, list[str]]:
+    return {ix["name"]: ix["column_names"] for ix in inspect(engine).get_indexes(table)}
 
 
 def test_a_read_only_open_neither_creates_nor_migrates(queue, db_url):

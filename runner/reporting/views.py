@@ -238,11 +238,7 @@ def worker_claims(queue) -> dict[str, int]:
     The jobs table keeps only each job's last worker, so two workers that shared a
     sweep may leave one name there; the events keep them all.
     """
-    counts: dict[str, int] = {}
-    for event in queue.events():
-        if event["kind"] == "claim" and event["worker"]:
-            counts[event["worker"]] = counts.get(event["worker"], 0) + 1
-    return counts
+    return queue.claims_by_worker()
 
 
 def versions() -> dict:
