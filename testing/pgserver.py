@@ -34,8 +34,11 @@ def _as_server_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd]
 
 
-def start(folder: Path, netns: str | None = None) -> str:
+def start(folder: Path, netns: str | None = None, max_connections: int = 200) -> str:
     """Create and start a cluster in `folder`; return a SQLAlchemy URL to it.
+
+    `max_connections`: the server's limit (the benchmarks run hundreds of workers, or
+    fewer connections than workers on purpose).
 
     `netns`: the server runs in that network namespace (`ip netns`): its TCP port is
     reachable only there; its socket in `folder` (socket_url) from anywhere.
@@ -51,7 +54,7 @@ def start(folder: Path, netns: str | None = None) -> str:
     _run([initdb, "-D", str(data), "-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8"])
     # fsync off: a throwaway test server; max_connections for many worker processes.
     options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-               "-c max_connections=200")
+               f"-c max_connections={max_connections}")
     (folder / "options").write_text(options)
     if netns:
         (folder / "netns").write_text(netns)
@@ -113,11 +116,12 @@ def stop(folder: Path) -> None:
 if __name__ == "__main__":
     verb, where = sys.argv[1], Path(sys.argv[2])
     if verb == "start":
-        print(start(where))
+        print(start(where, max_connections=int(sys.argv[3]) if len(sys.argv) > 3 else 200))
     elif verb == "stop":
         stop(where)
     elif verb == "restart":
         shutdown(where, sys.argv[3] if len(sys.argv) > 3 else "fast")
         start_again(where)
     else:
-        sys.exit(f"usage: {sys.argv[0]} start|stop DIR | restart DIR [fast|immediate|smart]")
+        sys.exit(f"usage: {sys.argv[0]} start DIR [MAX_CONNECTIONS] | stop DIR | "
+                 "restart DIR [fast|immediate|smart]")
