@@ -236,11 +236,9 @@ def subfolders(prefix: S3Path) -> list[S3Path]:
 
 
 def delete(bucket: str, keys: list[str]) -> None:
-    for start in range(0, len(keys), 1000):
-        chunk = keys[start:start + 1000]
-        if chunk:
-            client().delete_objects(Bucket=bucket, Delete={
-                "Objects": [{"Key": k} for k in chunk], "Quiet": True})
+    for start in range(0, len(keys), 1000):   # at most 1,000 keys a request
+        client().delete_objects(Bucket=bucket, Delete={
+            "Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})
 
 
 def move_folder(source: S3Path, target: S3Path, delete_first: str = "") -> int:
