@@ -368,6 +368,14 @@ MUTANTS = [
     Mutant("readers ask an unreachable endpoint once per command", "runner/bucket/view.py",
            "fallback.unreachable = s3.transient(e)", "fallback.unreachable = False",
            ("tests/test_bucket_view.py",)),
+    Mutant("a claim takes the first of the pending and expired jobs in its order", "db/queue.py",
+           "            return min(found, key=lambda row: row.position, default=None)\n",
+           "            return max(found, key=lambda row: row.position, default=None)\n",
+           ("tests/test_queue.py", "-k", "takes_its_place and sqlite")),
+    Mutant("... in the cost order too", "db/queue.py",
+           "return min(found, key=lambda row: (-row.cost, row.position), default=None)",
+           "return max(found, key=lambda row: (-row.cost, row.position), default=None)",
+           ("tests/test_queue.py", "-k", "takes_its_place and sqlite")),
 ]
 
 

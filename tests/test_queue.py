@@ -41,6 +41,29 @@ def test_claims_follow_the_guide_order_then_cost(queue):
     assert "_V20_" in biggest.name
 
 
+def test_an_expired_job_takes_its_place_in_the_claim_order(queue):
+    """A claim takes the first job, in its order, of the pending and the expired ones: an
+    expired job is neither put first nor last (two queries find the two candidates)."""
+    queue.plan(rows("V=5", "V=20", "N=256", "model=gpt2"))   # V5 runs 1-3, then V20 runs 1-3
+    name = "table_connectivity_standard_V{}_N256_run{}".format
+    costly = queue.claim("a", 0.2, order="cost")
+    assert costly.name == name(20, 1)
+    assert queue.claim("b", 60).name == name(5, 1)
+    early = queue.claim("c", 0.2)
+    assert early.name == name(5, 2)
+    time.sleep(0.5)   # both 0.2 s leases expired
+    # Cost order: the expired V20 job before the pending one of the same cost that follows it.
+    assert queue.claim("d", 60, order="cost").name == costly.name
+    # Guide order: the expired V5 job before the pending one that follows it ...
+    assert queue.claim("e", 60).name == early.name
+    later = queue.claim("f", 0.2, order="cost")
+    assert later.name == name(20, 2)
+    time.sleep(0.5)
+    # ... and a pending job before an expired one that comes after it.
+    assert queue.claim("g", 60).name == name(5, 3)
+    assert queue.claim("h", 60).name == later.name
+
+
 def test_claim_is_exclusive_and_returns_the_config(queue):
     queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
     claim = queue.claim("a", 60)
