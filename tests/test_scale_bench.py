@@ -41,3 +41,17 @@ def test_the_scale_benchmark_refuses_a_queue_that_holds_jobs(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: {url} holds 6 jobs, 6 events: give a new "
                                    "database, or --i-know-this-deletes to empty it")
+
+
+def test_the_queue_size_benchmark_fills_as_it_says_and_times_every_read(tmp_path):
+    proc = subprocess.run([PYTHON, "bench/queue_size.py", "--sizes", "300", "--repeats", "1",
+                           "--claims", "5", "--json"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout)
+    # 300 planned; 280 claimed, 30 of them failed and 200 finished; 10 heartbeats a job.
+    assert (got["jobs"], got["events"], got["claims"]) == (300, 300 + 280 + 30 + 200 + 3000, 5)
+    timed = ["cli_status_s", "cli_status_json_s", "cli_results_s", "api_status_s",
+             "api_latest_s", "api_results_s", "api_job_s"]
+    assert all(got[k] > 0 for k in timed) and got["notes"] == []
+    assert 0 < got["claim_p50_ms"] <= got["claim_p99_ms"]
