@@ -67,16 +67,19 @@ class Dashboard:
         self.queue, self.url = queue, url
         self.figure: tuple[str | None, bytes | None] = (None, None)
 
-    def snapshot(self):
+    def snapshot(self, configs: bool = True):
+        """(counts, jobs, their Redactor); without `configs`, only the jobs' names and folders
+        (what the redactor and a job's lookup need)."""
         from runner.reporting.views import Redactor
 
-        counts, jobs = self.queue.counts(), self.queue.jobs()
+        columns = None if configs else ("name", "out_dir")
+        counts, jobs = self.queue.counts(), self.queue.jobs(config=configs, columns=columns)
         return counts, jobs, Redactor(jobs)
 
     def status(self) -> dict:
         from runner.reporting.views import status_payload
 
-        _, _, redactor = self.snapshot()
+        _, _, redactor = self.snapshot(configs=False)
         return status_payload(self.queue, redactor)
 
     def results(self) -> dict:

@@ -58,8 +58,8 @@ class Redactor:
 
     def __init__(self, jobs: list[dict]):
         prefixes = set()
-        for job in jobs:
-            root = runs_root(job["out_dir"])
+        # Each runs folder once (a sweep of 100,000 jobs has one or a few).
+        for root in {runs_root(out_dir) for out_dir in {job["out_dir"] for job in jobs}}:
             for form in (str(root), os.path.abspath(root), str(root.resolve())):
                 if form not in ("", ".", "/"):
                     prefixes.add(form.rstrip("/"))
