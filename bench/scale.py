@@ -40,6 +40,7 @@ from sqlalchemy.pool import NullPool
 
 from db import JobQueue, connect
 from db.engine import normalize_url
+from db.outage import Outages
 from testing.audit import finishes_per_job, lease_violations
 from testing.scratch import at_risk, clear
 from trainer.job import Job, Progress, RunResult
@@ -81,7 +82,10 @@ def worker_main(args) -> None:
     from runner.worker import Worker
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    queue = JobQueue(connect(args.db), outage_budget=600)
+    # As `python -m runner worker` opens it: one connection at a time, and a database that
+    # refuses connections (more workers than it allows) waited for within the budget.
+    queue = Outages(600).run(lambda retrying: JobQueue(
+        connect(args.db, one_connection=True), outage_budget=600), str)
     claims_ms: list[float] = []
     claim = queue.claim
 
@@ -94,7 +98,8 @@ def worker_main(args) -> None:
     queue.claim = timed_claim
     worker = Worker(queue, "cpu", args.lease, job=SleepJob(), progress_every=1e9)
     worker.install_signal_handlers()
-    Path(args.ready).touch()
+    queue.engine.dispose()   # no connection held while the others start: a full server
+    Path(args.ready).touch()  # would keep them from starting at all
     while not Path(args.go).exists():
         time.sleep(0.05)
     worker.run(wait=args.wait, poll=args.poll)
@@ -115,46 +120,51 @@ def peak_rss_mb() -> float:
 
 
 class ServerWatch:
-    """Samples the server's connections to this database (PostgreSQL), twice a second."""
+    """Samples the server's connections to this database (PostgreSQL), twice a second.
+
+    It holds one connection of its own, opened before the workers start: a server that the
+    workers fill refuses new connections (some runs are about that), and the figures must
+    still be read."""
 
     def __init__(self, url: str):
-        self.engine = (create_engine(url, poolclass=NullPool, connect_args={
-            "prepare_threshold": None}) if url.startswith("postgresql") else None)
+        self.engine = self.conn = None
+        if url.startswith("postgresql"):
+            self.engine = create_engine(url, poolclass=NullPool, isolation_level="AUTOCOMMIT",
+                                        connect_args={"prepare_threshold": None})
+            self.conn = self.engine.connect()
         self.most = 0
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> ServerWatch:
-        if self.engine is not None:
+        if self.conn is not None:
             self._thread.start()
         return self
 
+    def _value(self, sql: str) -> int:
+        with self._lock:   # each statement its own transaction: the statistics read anew
+            return self.conn.execute(text(sql)).scalar_one()
+
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            try:
-                with self.engine.connect() as conn:
-                    n = conn.execute(text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = "
-                        "current_database() AND pid <> pg_backend_pid()")).scalar_one()
-                self.most = max(self.most, n)
-            except Exception:  # noqa: BLE001  (refused while saturated: the next sample)
-                pass
+            self.most = max(self.most, self._value(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"))
 
     def transactions(self) -> int | None:
         """Transactions committed or rolled back in this database so far (PostgreSQL)."""
-        if self.engine is None:
+        if self.conn is None:
             return None
-        with self.engine.connect() as conn:
-            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
-            return conn.execute(text(
-                "SELECT xact_commit + xact_rollback FROM pg_stat_database "
-                "WHERE datname = current_database()")).scalar_one()
+        return self._value("SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                           "WHERE datname = current_database()")
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        if self.engine is not None:
+        if self.conn is not None:
+            self.conn.close()
             self.engine.dispose()
 
 
@@ -196,34 +206,40 @@ def run(args) -> dict:
     queue = JobQueue(connect(args.db, create=True))
     queue.plan(job_rows(args.jobs, args.job_seconds, folder / "runs"))
     wait = args.idle_seconds > 0
+    watch = ServerWatch(args.db)   # its connection before the workers take theirs
     workers = start_workers(args, folder, wait)
-    started_at = time.monotonic()
-    while sum((folder / f"ready-{i}").exists() for i in range(args.workers)) < args.workers:
-        if any(p.poll() is not None for p, _ in workers):
-            break
-        if time.monotonic() - started_at > 600:
-            raise SystemExit("error: the workers did not all start within 600 s")
-        time.sleep(0.2)
-    startup = time.monotonic() - started_at
-    watch = ServerWatch(args.db).start()
-    busy_from = watch.transactions()
-    go = time.monotonic()
-    (folder / "go").touch()
-    while queue.counts()["succeeded"] + queue.counts()["failed"] < args.jobs:
-        if all(p.poll() is not None for p, _ in workers):
-            break
-        time.sleep(0.2)
-    wall = time.monotonic() - go
-    busy_to = watch.transactions()
-    idle_rate = None
-    if wait:
-        time.sleep(min(5.0, args.idle_seconds))   # the last workers finish and go idle
-        idle_from = watch.transactions()
-        time.sleep(args.idle_seconds)
-        idle_rate = rate(idle_from, watch.transactions(), args.idle_seconds)
-        for proc, _ in workers:
-            proc.send_signal(signal.SIGTERM)
-    codes = [proc.wait(timeout=600) for proc, _ in workers]
+    try:
+        started_at = time.monotonic()
+        while sum((folder / f"ready-{i}").exists() for i in range(args.workers)) < args.workers:
+            if any(p.poll() is not None for p, _ in workers):
+                break
+            if time.monotonic() - started_at > 600:
+                raise SystemExit("error: the workers did not all start within 600 s")
+            time.sleep(0.2)
+        startup = time.monotonic() - started_at
+        watch.start()
+        busy_from = watch.transactions()
+        go = time.monotonic()
+        (folder / "go").touch()
+        while queue.counts()["succeeded"] + queue.counts()["failed"] < args.jobs:
+            if all(p.poll() is not None for p, _ in workers):
+                break
+            time.sleep(0.2)
+        wall = time.monotonic() - go
+        busy_to = watch.transactions()
+        idle_rate = None
+        if wait:
+            time.sleep(min(5.0, args.idle_seconds))   # the last workers finish and go idle
+            idle_from = watch.transactions()
+            time.sleep(args.idle_seconds)
+            idle_rate = rate(idle_from, watch.transactions(), args.idle_seconds)
+            for proc, _ in workers:
+                proc.send_signal(signal.SIGTERM)
+        codes = [proc.wait(timeout=600) for proc, _ in workers]
+    except BaseException:
+        for proc, _ in workers:   # a failed run leaves no worker waiting for its start
+            proc.kill()
+        raise
     watch.stop()
     reports = [json.loads(out.read_text()) for _, out in workers if out.exists()]
     claims = [ms for r in reports for ms in r["claims_ms"]]
