@@ -145,6 +145,10 @@ def _late_cancel():
     return case((Job.stop_request == "cancel", "cancel"), else_=None)
 
 
+def _never_claimed():
+    return and_(Job.state == "pending", Job.claimed_at.is_(None))
+
+
 def _held(claim: Claim):
     return and_(Job.id == claim.id, Job.lease_token == claim.token, Job.state == "running")
 
@@ -760,14 +764,16 @@ class JobQueue:
         return {state: got.get(state, 0) for state in STATES}
 
     def jobs(self, config: bool = True, columns: Sequence[str] | None = None,
-             states: Sequence[str] = (), offset: int = 0,
-             limit: int | None = None) -> list[dict]:
+             states: Sequence[str] = (), offset: int = 0, limit: int | None = None,
+             claimed: bool = False) -> list[dict]:
         """Jobs as dicts (config parsed), in the guide's order, with the DB's `now`: every
-        job, or a page (`offset`, `limit`) of those in `states`.
+        job, or a page (`offset`, `limit`) of those in `states`; `claimed`: only those ever
+        claimed or no longer pending (the others: `unclaimed_pending`).
 
         config=False leaves out `config` and `traceback`; `columns` reads only those (`id`
-        always). Status reads a few columns of every job and all of only the jobs it lists:
-        at 100,000 jobs, reading every column was most of its time."""
+        always). Status reads a few columns of the claimed jobs, sums the others, and reads
+        whole only the jobs it lists: at 100,000 jobs, reading every column of every job
+        was most of its time."""
         if columns is None:
             chosen = [c for c in Job.__table__.columns
                       if config or c.name not in ("config", "traceback")]
@@ -777,6 +783,8 @@ class JobQueue:
         query = select(*chosen).order_by(Job.position, Job.id).offset(offset or None).limit(limit)
         if states:
             query = query.where(Job.state.in_(states))
+        if claimed:
+            query = query.where(~_never_claimed())
 
         def body(conn: Connection):
             return conn.execute(select(db_now())).scalar_one(), conn.execute(query).all()
@@ -793,6 +801,13 @@ class JobQueue:
                 job["claimed_age"] = (now - job["claimed_at"]) if job["claimed_at"] else None
             out.append(job)
         return out
+
+    def unclaimed_pending(self) -> list[dict]:
+        """The pending jobs never claimed (so at step 0: a step is written only under a
+        claim), counted by (v, model, total_steps, cost): `jobs` says how many."""
+        query = (select(Job.v, Job.model, Job.total_steps, Job.cost, func.count().label("jobs"))
+                 .where(_never_claimed()).group_by(Job.v, Job.model, Job.total_steps, Job.cost))
+        return self._read(lambda conn: [dict(r) for r in conn.execute(query).mappings()])
 
     def attempt_starts(self) -> dict[int, int]:
         """The step each job's latest attempt started from: its last `claim` event's step

@@ -67,8 +67,13 @@ def live_workers(jobs: list[dict]) -> set[str]:
 
 
 def sweep_progress(jobs: list[dict], starts: dict[int, int],
-                   workers_alive: int | None = None) -> dict:
+                   workers_alive: int | None = None, unclaimed: list[dict] = ()) -> dict:
     """Steps done, per-job rates and ETAs, and the sweep's ETA.
+
+    `jobs`: a row each; `unclaimed`: pending jobs never claimed (at step 0), counted by
+    (v, model, total_steps, cost) as JobQueue.unclaimed_pending gives them: they have no
+    rate of their own, so a count does for each group, and 100,000 pending jobs need no row
+    each.
 
     The ETA, kept simple on purpose:
       * each unfinished job (pending or running; failed jobs wait for a requeue
@@ -110,17 +115,27 @@ def sweep_progress(jobs: list[dict], starts: dict[int, int],
         seconds += steps_left / rate
         if j["state"] == "running" and not j.get("stale"):
             job_eta[j["id"]] = steps_left / rate
+    for group in unclaimed:
+        rate = group_rate.get((group["v"], group["model"]))
+        if not rate and cost_rate and _cost_per_step(group):
+            rate = cost_rate / _cost_per_step(group)
+        if not rate:
+            unknown += group["jobs"]
+            continue
+        seconds += group["jobs"] * group["total_steps"] / rate
     workers = len(live_workers(jobs)) if workers_alive is None else workers_alive
     done = sum(j["total_steps"] if j["state"] == "succeeded" else min(j["step"], j["total_steps"])
                for j in jobs)
-    total = sum(j["total_steps"] for j in jobs)
-    if not left:
+    total = sum(j["total_steps"] for j in jobs) + sum(group["jobs"] * group["total_steps"]
+                                                       for group in unclaimed)
+    jobs_left = len(left) + sum(group["jobs"] for group in unclaimed)
+    if not jobs_left:
         eta = 0.0
     elif unknown or not workers:
         eta = None
     else:
         eta = seconds / workers
-    return {"steps_done": done, "steps_total": total, "jobs_left": len(left),
+    return {"steps_done": done, "steps_total": total, "jobs_left": jobs_left,
             "live_workers": workers, "work_seconds_left": None if unknown else seconds,
             "eta_seconds": eta, "rates": rates, "job_eta": job_eta,
             "rates_measured": sum(1 for r in rates.values() if r),

@@ -42,9 +42,14 @@ class Listing:
         return queue.jobs(config=configs, states=self.states, offset=self.offset,
                           limit=self.limit)
 
-    def matched(self, jobs: list[dict]) -> int:
-        """How many of `jobs` (every job) the filter matches, the page aside."""
-        return sum(1 for j in jobs if j["state"] in self.states) if self.states else len(jobs)
+    def matched(self, jobs: list[dict], unclaimed: list[dict]) -> int:
+        """How many jobs the filter matches, the page aside: of `jobs` (a row each) and of
+        `unclaimed` (pending jobs never claimed, summed)."""
+        pending = sum(group["jobs"] for group in unclaimed)
+        if not self.states:
+            return len(jobs) + pending
+        return (sum(1 for j in jobs if j["state"] in self.states)
+                + (pending if "pending" in self.states else 0))
 
 
 WORKER_FIELDS = ("name", "device", "state", "job", "seen_age", "alive", "dead", "gpus",
@@ -80,9 +85,11 @@ def snapshot(queue, listing: Listing | None = Listing(), configs: bool = False) 
     """Everything a status report shows, read once (a few queries, whatever the job count):
     `jobs`, the listing's jobs read whole (`configs`: their configs and tracebacks too, as
     the report shows what was run), or with no listing those the status table shows (the
-    running and failed ones); `every`, a few columns of every job (PROGRESS_COLUMNS)."""
+    running and failed ones); `every`, a few columns (PROGRESS_COLUMNS) of every job but the
+    pending ones never claimed, which `unclaimed` sums."""
     counts = queue.counts()
-    every = queue.jobs(config=False, columns=PROGRESS_COLUMNS)
+    every = queue.jobs(config=False, columns=PROGRESS_COLUMNS, claimed=True)
+    unclaimed = queue.unclaimed_pending()
     jobs = (listing.read(queue, configs) if listing is not None
             else queue.jobs(config=False, states=TABLE_STATES))
     workers = judge_workers(queue.workers())
@@ -92,9 +99,10 @@ def snapshot(queue, listing: Listing | None = Listing(), configs: bool = False) 
     starts = queue.attempt_starts()
     live = [w for w in workers if w["alive"]]
     return {"counts": counts, "jobs": jobs, "every": every, "listing": listing,
-            "matched": len(jobs) if listing is None else listing.matched(every),
+            "matched": len(jobs) if listing is None else listing.matched(every, unclaimed),
             "workers": workers, "paused": queue.paused(),
-            "progress": sweep_progress(every, starts, workers_alive=len(live))}
+            "progress": sweep_progress(every, starts, workers_alive=len(live),
+                                       unclaimed=unclaimed)}
 
 
 def status_json(snap: dict) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from runner.progress import eta_line, sweep_progress
 from runner.status import FAILED_SHOWN, Listing, snapshot, status_json, status_text
 from tests.support.commands import cli
 from tests.support.queues import rows
@@ -120,9 +123,32 @@ def test_the_table_reads_whole_only_what_it_shows_and_says_the_same(queue):
         k: v for k, v in whole["progress"].items() if k != "job_eta"}
     table = status_text(few, "q")
     assert table == status_text(whole, "q")
+    # The pending jobs never claimed are summed in SQL, not read a row each: the same
+    # progress and ETA as from a row for every job.
+    assert sum(group["jobs"] for group in queue.unclaimed_pending()) == 25
+    every_row = queue.jobs(config=False)
+    for row in every_row:
+        row["stale"] = None
+    by_rows = sweep_progress(every_row, queue.attempt_starts(),
+                             workers_alive=few["progress"]["live_workers"])
+    measured = {k: v for k, v in by_rows["rates"].items() if v is not None}
+    assert measured and {k: v for k, v in few["progress"]["rates"].items() if v} == measured
+    assert few["progress"]["work_seconds_left"] is not None
+    sums = ("work_seconds_left", "eta_seconds")   # summed in another order
+    assert [few["progress"][k] for k in sums] == pytest.approx([by_rows[k] for k in sums])
+    assert ({k: v for k, v in few["progress"].items() if k not in ("rates", *sums)}
+            == {k: v for k, v in by_rows.items() if k not in ("rates", *sums)})
     lines = table.splitlines()
     assert lines[0] == ("queue q: 30 jobs  pending 25  running 1  succeeded 2  failed 1  "
                         "cancelled 1")
     assert any(line.startswith(running.name) for line in lines)
     assert f"cancel came too late (1; the job ended first): {late.name} (succeeded)" in lines
     assert sum(line.startswith("cancelled (1;") for line in lines) == 1
+
+
+def test_pending_jobs_without_a_measured_rate_leave_the_eta_unknown(queue):
+    queue.plan(rows("V=5", "N=256"))   # 6 jobs, none claimed: no rate measured anywhere
+    progress = snapshot(queue, None)["progress"]
+    assert (progress["jobs_left"], progress["steps_done"]) == (6, 0)
+    assert progress["work_seconds_left"] is None and progress["eta_seconds"] is None
+    assert eta_line(progress, queue.counts()).endswith("ETA unknown (no step rate measured yet)")
