@@ -64,6 +64,24 @@ def test_an_expired_job_takes_its_place_in_the_claim_order(queue):
     assert queue.claim("h", 60).name == later.name
 
 
+def test_a_takeover_starts_a_new_attempt_and_records_whose_lease_expired(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    first = queue.claim("a", 0.2)
+    queue.progress(first, 5, 0.5, peak_memory=2.0**30)
+    (old,) = queue.jobs()
+    time.sleep(0.5)   # the lease expires: the next claim takes the job over
+    second = queue.claim("b", 60)
+    (job,) = queue.jobs()
+    # The attempt's clock, beat and memory are the new attempt's, not the lost one's.
+    assert job["claimed_at"] >= old["claimed_at"] + 0.5
+    assert abs(job["heartbeat_at"] - job["claimed_at"]) < 0.1
+    assert (old["peak_memory"], job["peak_memory"]) == (2.0**30, None)
+    assert (job["worker"], job["lease_token"], job["step"]) == ("b", second.token, 5)
+    expire = [e for e in queue.events() if e["kind"] == "expire"]
+    assert [(e["worker"], e["token"], e["detail"]) for e in expire] == [
+        ("a", first.token, '{"taken_over_by": "b"}')]
+
+
 def test_claim_is_exclusive_and_returns_the_config(queue):
     queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
     claim = queue.claim("a", 60)
