@@ -66,6 +66,7 @@ def test_an_expired_job_takes_its_place_in_the_claim_order(queue):
 
 def test_a_takeover_starts_a_new_attempt_and_records_whose_lease_expired(queue):
     queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    queue.register_worker("b", "host", 1, None, "cpu", 60)
     first = queue.claim("a", 0.2)
     queue.progress(first, 5, 0.5, peak_memory=2.0**30)
     (old,) = queue.jobs()
@@ -80,6 +81,13 @@ def test_a_takeover_starts_a_new_attempt_and_records_whose_lease_expired(queue):
     expire = [e for e in queue.events() if e["kind"] == "expire"]
     assert [(e["worker"], e["token"], e["detail"]) for e in expire] == [
         ("a", first.token, '{"taken_over_by": "b"}')]
+    claims = [e for e in queue.events() if e["kind"] == "claim"]
+    assert [(e["worker"], e["token"], e["attempt"]) for e in claims] == [
+        ("a", first.token, 1), ("b", second.token, 2)]
+    assert (second.attempt, second.lease_seconds) == (2, 60)
+    (registered,) = queue.workers()   # the claimer is seen busy with the job
+    assert (registered["name"], registered["state"], registered["job"]) == (
+        "b", "busy", second.name)
 
 
 def test_claim_is_exclusive_and_returns_the_config(queue):
