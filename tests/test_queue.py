@@ -64,6 +64,19 @@ def test_an_expired_job_takes_its_place_in_the_claim_order(queue):
     assert queue.claim("h", 60).name == later.name
 
 
+@pytest.mark.parametrize("order", ["guide", "cost"])
+def test_the_claim_order_is_by_position_not_by_when_a_job_was_planned(queue, order):
+    planned = rows("V=5", "N=256", "model=gpt2")   # 3 jobs of one cost
+    for row, position in zip(planned, (30, 20, 10), strict=True):
+        row["position"] = position                 # the last planned comes first
+    queue.plan(planned)
+    first = queue.claim("a", 0.2, order=order)
+    assert first.name == planned[2]["name"]
+    time.sleep(0.5)   # expired: the first job; pending: the two planned before it
+    assert queue.claim("b", 60, order=order).name == planned[2]["name"]
+    assert queue.claim("c", 60, order=order).name == planned[1]["name"]
+
+
 def test_a_takeover_starts_a_new_attempt_and_records_whose_lease_expired(queue):
     queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
     queue.register_worker("b", "host", 1, None, "cpu", 60)
