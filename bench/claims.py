@@ -32,7 +32,6 @@ import heapq
 import multiprocessing as mp
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from db.engine import connect, filesystem_type, mask_url
 from db.queue import JobQueue
 from runner.planner import job_rows, load_sweep
 from testing.audit import finishes_per_job, lease_violations
-from testing.scratch import at_risk, clear
+from testing.scratch import clear, fresh_queue, refuse_unless_throwaway
 
 SWEEP = Path(__file__).resolve().parent.parent / "conf" / "sweep.yaml"
 LEASE_SECONDS = 300.0   # far longer than any round: no lease may expire
@@ -73,16 +72,6 @@ def worker(url, order, sleeps, barrier, results, wid):
         error = f"{type(e).__name__}: {e}"
     results.put((wid, claim_ms, finish_ms, error, time.monotonic()))  # one clock for all
     queue.engine.dispose()
-
-
-def fresh_queue(args, folder: Path, label: str) -> str:
-    """The URL of an empty queue: a new SQLite file, or --db with every job and event deleted."""
-    if args.db is None:
-        url = f"sqlite:///{folder / f'{label}.sqlite'}"
-        connect(url, create=True).dispose()
-        return url
-    clear(args.db)
-    return args.db
 
 
 def run_round(url, rows, processes, order, sleeps=None):
@@ -164,7 +153,7 @@ def throughput(args, folder, sweep):
     print(f"{'procs':>5} {'done':>5} {'dup':>4} {'viol':>4} {'errors':>6} {'wall s':>7} "
           f"{'jobs/s':>7} {'claim p50':>9} {'p99':>7} {'finish p50':>10} {'p99':>7}  (ms)")
     for procs in args.processes:
-        url = fresh_queue(args, folder, f"throughput_p{procs}")
+        url = fresh_queue(args.db, folder, f"throughput_p{procs}")
         wall, got = run_round(url, rows, procs, "guide")
         claims = [x for _, c, _, _, _ in got for x in c]
         finishes = [x for _, _, f, _, _ in got for x in f]
@@ -191,7 +180,7 @@ def makespan(args, folder, sweep):
     for order in ("guide", "cost"):
         analytical = list_schedule([sleeps[r["name"]] for r in claim_order(rows, order)],
                                    WORKERS)
-        url = fresh_queue(args, folder, f"makespan_{order}")
+        url = fresh_queue(args.db, folder, f"makespan_{order}")
         wall, got = run_round(url, rows, WORKERS, order, sleeps)
         errors = [f"worker {w}: {e}" for w, _, _, e, _ in got if e]
         done, dups, violations = audit(url)
@@ -212,13 +201,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--makespan-seconds", type=float, default=20.0)
     args = parser.parse_args()
-    if args.db and not args.i_know_this_deletes:
-        held = at_risk(args.db)
-        if held:
-            print(f"error: --db '{mask_url(args.db)}' holds {held}: the benchmark deletes every "
-                  "job and event there; give it a throwaway database (or no --db: SQLite files "
-                  "in a temp folder), or pass --i-know-this-deletes", file=sys.stderr)
-            sys.exit(2)
+    refuse_unless_throwaway(args.db, args.i_know_this_deletes)
     with tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp:
         folder = Path(tmp)
         header(args, folder)

@@ -56,12 +56,14 @@ from sqlalchemy import func, insert, select, text
 from db import JobQueue, connect
 from db.engine import mask_url
 from db.models import Event, Job
-from testing.scratch import at_risk, clear
+from testing.scratch import clear, fresh_queue, refuse_unless_throwaway
 from testing.serve import start_server, stop_server
 
 try:
+    from bench.claims import pct
     from bench.scale import job_rows
 except ImportError:  # run as a file: bench/ itself is on sys.path
+    from claims import pct
     from scale import job_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,30 +75,12 @@ CLI = {"status": ["status"], "status_json": ["status", "--json"], "results": ["r
 API = ("status", "latest", "results", "job")
 
 
-def pct(values, q):
-    """The q-th percentile (nearest rank) of `values`, or None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
 def median(values, digits: int = 4):
     values = [v for v in values if v is not None]
     return round(statistics.median(values), digits) if values else None
 
 
 # --- filling a queue --------------------------------------------------------------
-
-
-def fresh_queue(args, folder: Path, size: int) -> str:
-    """The URL of an empty queue: a new SQLite file, or --db with every job and event deleted."""
-    if args.db is None:
-        url = f"sqlite:///{folder / f'queue_{size}.sqlite'}"
-        connect(url, create=True).dispose()
-        return url
-    clear(args.db)
-    return args.db
 
 
 def fill(url: str, size: int, events: int, folder: Path) -> dict:
@@ -213,7 +197,7 @@ def time_claims(url: str, claims: int, repeats: int) -> dict:
 
 
 def measure(args, folder: Path, size: int) -> dict:
-    url = fresh_queue(args, folder, size)
+    url = fresh_queue(args.db, folder, f"queue_{size}")
     events = 10 * size if args.events is None else args.events
     print(f"size {size}: filling ({events} heartbeat rows) ...", file=sys.stderr, flush=True)
     filled = fill(url, size, events, folder)
@@ -291,13 +275,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="one JSON object per size")
     args = parser.parse_args()
-    if args.db and not args.i_know_this_deletes:
-        held = at_risk(args.db)
-        if held:
-            print(f"error: --db '{mask_url(args.db)}' holds {held}: the benchmark deletes every "
-                  "job and event there; give it a throwaway database (or no --db: SQLite files "
-                  "in a temp folder), or pass --i-know-this-deletes", file=sys.stderr)
-            sys.exit(2)
+    refuse_unless_throwaway(args.db, args.i_know_this_deletes)
     if not args.json:
         header(args)
     with tempfile.TemporaryDirectory(prefix="bench-queue-size-") as tmp:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from sqlalchemy import create_engine, delete, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from db.engine import connect, normalize_url
+from db.engine import connect, mask_url, normalize_url
 from db.models import Base, Event, Job
 
 
@@ -43,3 +44,24 @@ def clear(url: str) -> None:
         conn.execute(delete(Event))
         conn.execute(delete(Job))
     engine.dispose()
+
+
+def refuse_unless_throwaway(db: str | None, forced: bool) -> None:
+    """Exit 2 with one line when --db holds real work and --i-know-this-deletes was not given."""
+    held = at_risk(db) if db and not forced else None
+    if held:
+        print(f"error: --db '{mask_url(db)}' holds {held}: the benchmark deletes every job and "
+              "event there; give it a throwaway database (or no --db: SQLite files in a temp "
+              "folder), or pass --i-know-this-deletes", file=sys.stderr)
+        sys.exit(2)
+
+
+def fresh_queue(db: str | None, folder: Path, label: str) -> str:
+    """The URL of an empty queue: a new SQLite file `label` in `folder`, or `db` with every
+    job and event deleted."""
+    if db is None:
+        url = f"sqlite:///{folder / f'{label}.sqlite'}"
+        connect(url, create=True).dispose()
+        return url
+    clear(db)
+    return db
