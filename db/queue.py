@@ -825,8 +825,7 @@ class JobQueue:
 
     def claims_by_worker(self) -> dict[str, int]:
         """How many claims each worker ever made (the claim events, counted in SQL)."""
-        query = (select(Event.worker, func.count()).where(Event.kind == "claim",
-                                                           Event.worker.is_not(None))
+        query = (select(Event.worker, func.count()).where(Event.kind == "claim")
                  .group_by(Event.worker))
         return dict(self._read(lambda conn: conn.execute(query).all()))
 

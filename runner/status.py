@@ -19,9 +19,9 @@ RUNNING_FIELDS = ("peak_memory",)
 FAILED_SHOWN = 20
 
 
-# What the ETA, the liveness check and the summary lines read of every job; the jobs a report
-# lists are read whole. At 100,000 jobs, reading every column of every job was most of
-# status's time.
+# What the ETA, the liveness check and the summary lines read of every job ever claimed (the
+# others are counted in SQL); the jobs a report lists are read whole. At 100,000 jobs,
+# reading every column of every job was most of status's time.
 PROGRESS_COLUMNS = ("name", "state", "v", "model", "step", "total_steps", "cost", "worker",
                     "claimed_at", "progress_at", "finished_at", "heartbeat_at", "lease_seconds",
                     "stop_request", "error")
@@ -94,8 +94,11 @@ def snapshot(queue, listing: Listing | None = Listing(), configs: bool = False) 
             else queue.jobs(config=False, states=TABLE_STATES))
     workers = judge_workers(queue.workers())
     processes = {w["name"]: w["process"] for w in workers}
-    for job in (*every, *jobs):
+    for job in every:
         job["stale"] = stale_reason(job, processes)
+    stale = {job["id"]: job["stale"] for job in every if job["stale"]}
+    for job in jobs:   # a running job is in both: its process is looked at once
+        job["stale"] = stale.get(job["id"])
     starts = queue.attempt_starts()
     live = [w for w in workers if w["alive"]]
     return {"counts": counts, "jobs": jobs, "every": every, "listing": listing,
