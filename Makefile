@@ -116,10 +116,12 @@ coverage: $(STAMP) ## branch coverage per module, workers in subprocesses includ
 	  $(PY) -m testing.coverage_table $(COVERAGE_DATA)/coverage.json | tee coverage.txt; exit $$s
 
 # MUTANTS="runner.liveness*" narrows mutmut to those names (all of [tool.mutmut]: hours).
+# One OpenMP thread: mutmut forks a child per mutant, and the child of a process whose OpenMP
+# pool has started hangs at its first parallel torch op.
 mutmut: $(STAMP) ## mutmut 3 over the queue, liveness and checkpoint code; lists the survivors
 	$(PY) -m pip install -q -e '.[mutation]'
 	rm -rf mutants
-	$(VENV)/bin/mutmut run $(MUTANTS); $(VENV)/bin/mutmut results
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(MUTANTS); $(VENV)/bin/mutmut results
 
 DEMO_DB := sqlite:///runs/demo/queue.sqlite
 DEMO    := $(PY) -m runner --db $(DEMO_DB)
