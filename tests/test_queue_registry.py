@@ -1,0 +1,135 @@
+"""The queue's registries, as a contract every backend must meet: workers (registered, seen,
+alive or not), the jobs other workers hold, launches handed to a scheduler and their
+cancellation, the cancel a worker records, and how a changed config is described."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from db import LeaseLost
+from db.queue import config_changes
+from tests.support.queues import rows
+
+SLURM = {"slurm_job_id": "120", "slurm_array": "119_1", "slurm_restarts": 2, "gpus": "3"}
+
+
+def by_name(queue) -> dict[str, dict]:
+    return {w["name"]: w for w in queue.workers()}
+
+
+def test_a_registered_worker_is_idle_alive_and_listed_in_the_order_workers_started(queue):
+    queue.register_worker("h:1:11", "h", 11, "boot:1", "cuda:1", 30.0)
+    queue.register_worker("h:0:10", "h", 10, "boot:0", "cuda:0", 30.0, slurm=SLURM)
+    listed = queue.workers()
+    assert [w["name"] for w in listed] == ["h:1:11", "h:0:10"]
+    plain, under_slurm = listed
+    assert plain["state"] == "idle" and plain["job"] is None and plain["alive"] is True
+    assert (plain["host"], plain["pid"], plain["process"], plain["device"],
+            plain["lease_seconds"]) == ("h", 11, "boot:1", "cuda:1", 30.0)
+    assert 0 <= plain["seen_age"] < 10
+    assert {k: under_slurm[k] for k in SLURM} == SLURM
+    assert {k: plain[k] for k in SLURM} == dict.fromkeys(SLURM)
+
+
+def test_registering_a_name_again_replaces_its_row(queue):
+    queue.register_worker("h:0:10", "h", 10, "boot:old", "cpu", 30.0, slurm=SLURM)
+    queue.worker_seen("h:0:10", "busy")
+    queue.register_worker("h:0:10", "h", 10, "boot:new", "cpu", 60.0)
+    (worker,) = queue.workers()
+    assert (worker["process"], worker["lease_seconds"], worker["state"]) == (
+        "boot:new", 60.0, "idle")
+    assert worker["slurm_job_id"] is None
+
+
+def test_a_worker_seen_is_idle_unless_told_and_an_exited_one_is_not_alive(queue):
+    queue.register_worker("a", "h", 1, None, "cpu", 30.0)
+    queue.register_worker("b", "h", 2, None, "cpu", 30.0)
+    queue.worker_seen("a", "busy")
+    assert by_name(queue)["a"]["state"] == "busy"
+    queue.worker_seen("a")
+    queue.worker_seen("b", "exited")
+    workers = by_name(queue)
+    assert (workers["a"]["state"], workers["a"]["alive"]) == ("idle", True)
+    assert (workers["b"]["state"], workers["b"]["alive"]) == ("exited", False)
+
+
+def test_a_worker_not_seen_within_its_lease_is_not_alive(queue):
+    queue.register_worker("slow", "h", 1, None, "cpu", 0.2)
+    queue.register_worker("fresh", "h", 2, None, "cpu", 30.0)
+    with queue.engine.begin() as conn:  # seen 5 s ago: past its 0.2 s lease
+        conn.exec_driver_sql("UPDATE workers SET seen_at = seen_at - 5 WHERE name = 'slow'")
+    workers = by_name(queue)
+    assert workers["slow"]["state"] == "idle" and workers["slow"]["alive"] is False
+    assert 5 <= workers["slow"]["seen_age"] < 15
+    assert workers["fresh"]["alive"] is True
+
+
+def test_held_elsewhere_lists_the_running_jobs_of_other_workers_with_their_lease_left(queue):
+    queue.plan(rows("V=5", "N=256"))
+    mine = queue.claim("me", 600)
+    theirs = [queue.claim("them", 600), queue.claim("them", 30)]
+    queue.fail(queue.claim("them", 600), "boom")  # not running: not held
+    held = queue.held_elsewhere("me")
+    assert [(h["name"], h["worker"]) for h in held] == [(c.name, "them") for c in theirs]
+    assert 590 < held[0]["expires_in"] <= 600 and 20 < held[1]["expires_in"] <= 30
+    assert [h["name"] for h in queue.held_elsewhere("them")] == [mine.name]
+    with queue.engine.begin() as conn:  # a lease long expired shows 0 s left, not less
+        conn.exec_driver_sql(
+            f"UPDATE jobs SET heartbeat_at = heartbeat_at - 100 WHERE name = '{theirs[1].name}'")
+    assert queue.held_elsewhere("me")[1]["expires_in"] == 0.0
+
+
+def test_the_cancel_a_worker_records_holds_its_step_and_needs_its_lease(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    claim = queue.claim("w", 600)
+    queue.cancelled(claim, 17)
+    (job,) = queue.jobs()
+    assert (job["state"], job["step"]) == ("cancelled", 17)
+    (event,) = [e for e in queue.events() if e["kind"] == "cancel"]
+    assert json.loads(event["detail"]) == {"step": 17}
+    with pytest.raises(LeaseLost, match=r"run1: lease lost; cancel not recorded$"):
+        queue.cancelled(claim, 18)
+
+
+def test_launches_keep_what_was_submitted_oldest_first_per_scheduler(queue):
+    queue.record_launch("slurm", "102", 4, "/runs/slurm/102.sh", {"time": "4:00:00", "b": 1})
+    queue.record_launch("other", "7", 1, None, {})
+    queue.record_launch("slurm", "101", 2, None, {"partition": "gpu"})
+    launches = queue.launches("slurm")
+    assert [(x["job_id"], x["tasks"], x["script"], x["detail"]) for x in launches] == [
+        ("102", 4, "/runs/slurm/102.sh", {"b": 1, "time": "4:00:00"}),
+        ("101", 2, None, {"partition": "gpu"})]
+    assert launches[0]["cancelled_at"] is None
+    with queue.engine.begin() as conn:
+        stored = conn.exec_driver_sql(
+            "SELECT detail FROM launches WHERE job_id = '102'").scalar_one()
+    assert stored == '{"b": 1, "time": "4:00:00"}'  # keys sorted: one text per detail
+    with queue.engine.begin() as conn:  # a launch recorded without any detail
+        conn.exec_driver_sql("UPDATE launches SET detail = NULL WHERE job_id = '7'")
+    assert queue.launches("other")[0]["detail"] == {}
+
+
+def test_cancelling_a_launch_touches_only_that_schedulers_launch_and_keeps_its_time(queue):
+    queue.record_launch("slurm", "101", 2, None, {})
+    queue.record_launch("other", "101", 2, None, {})
+    assert queue.cancel_launch("slurm", "101")
+    first = queue.launches("slurm")[0]["cancelled_at"]
+    assert first is not None
+    assert queue.launches("other")[0]["cancelled_at"] is None
+    assert not queue.launch_cancelled("other", "101")
+    assert queue.cancel_launch("slurm", "101")  # cancelling again: still cancelled, same time
+    assert queue.launches("slurm")[0]["cancelled_at"] == first
+
+
+def test_config_changes_name_each_changed_leaf_by_its_dotted_key():
+    old = {"seed": 1, "training": {"lr": 0.001, "steps": 30}, "model": {"n_embd": 64}}
+    new = {"seed": 1, "training": {"lr": 0.002, "steps": 30.0}, "data": {"n": 256}}
+    assert config_changes(old, new) == [
+        'data: (absent) -> {"n": 256}',
+        'model: {"n_embd": 64} -> (absent)',
+        "training.lr: 0.001 -> 0.002",
+        "training.steps: 30 -> 30.0",  # equal numbers of another type are a change too
+    ]
+    assert config_changes(old, old) == []
