@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from db import LeaseLost
-from db.queue import config_changes
+from db import JobQueue, LeaseLost, connect
+from db.queue import config_changes, worker_host
 from tests.support.queues import rows
 
 SLURM = {"slurm_job_id": "120", "slurm_array": "119_1", "slurm_restarts": 2, "gpus": "3"}
@@ -133,3 +133,41 @@ def test_config_changes_name_each_changed_leaf_by_its_dotted_key():
         "training.steps: 30 -> 30.0",  # equal numbers of another type are a change too
     ]
     assert config_changes(old, old) == []
+
+
+def test_config_changes_sort_keys_of_mixed_types_as_text():
+    assert config_changes({1: "a", "b": 2}, {1: "x", "b": 2}) == ['1: "a" -> "x"']
+
+
+@pytest.mark.parametrize("name, host", [
+    ("node7:0:4242", "node7"), ("node7:cpu:4242", "node7"),
+    ("fe80::1:cuda:0:4242", "fe80::1:cuda"),  # a host with colons keeps them
+    ("node7:4242", None), ("node7", None), ("", None), (None, None)])
+def test_the_host_of_a_worker_is_its_name_less_gpu_and_pid(name, host):
+    assert worker_host(name) == host
+
+
+def test_a_queue_keeps_the_identity_it_was_made_with(db_url):
+    first = JobQueue(connect(db_url, create=True))
+    made = first.queue_id()
+    first.engine.dispose()
+    again = JobQueue(connect(db_url))
+    assert again.queue_id() == made and len(made) >= 16
+    again.engine.dispose()
+
+
+def test_resume_says_whether_the_queue_was_paused(queue):
+    assert queue.resume() is False
+    queue.pause()
+    assert queue.paused() is not None
+    assert queue.resume() is True
+    assert queue.paused() is None and queue.resume() is False
+
+
+def test_a_failure_without_the_lease_is_refused_in_one_line(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    claim = queue.claim("w", 600)
+    queue.fail(claim, "boom")
+    with pytest.raises(LeaseLost, match=r"run1: lease lost; failure not recorded$"):
+        queue.fail(claim, "again")
+    assert queue.jobs()[0]["error"] == "boom"
