@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from sqlalchemy import create_engine
 
-from db import JobQueue, LeaseLost, connect
+from db import DatabaseError, JobQueue, LeaseLost, connect
 from db.queue import config_changes, worker_host
 from tests.support.queues import rows
 
@@ -171,3 +172,19 @@ def test_a_failure_without_the_lease_is_refused_in_one_line(queue):
     with pytest.raises(LeaseLost, match=r"run1: lease lost; failure not recorded$"):
         queue.fail(claim, "again")
     assert queue.jobs()[0]["error"] == "boom"
+
+
+def test_claims_are_counted_per_worker(queue):
+    queue.plan(rows("V=5", "N=256"))
+    for worker in ("a", "b", "a"):
+        queue.claim(worker, 600)
+    assert queue.claims_by_worker() == {"a": 2, "b": 1}
+
+
+def test_a_database_that_cannot_be_reached_is_named_without_its_password():
+    engine = create_engine("postgresql+psycopg://runner:s3cret@127.0.0.1:1/sweep")
+    with pytest.raises(DatabaseError) as refused:
+        JobQueue(engine).counts()
+    assert str(refused.value).startswith(
+        "database 'postgresql+psycopg://runner:***@127.0.0.1:1/sweep': ")
+    assert "s3cret" not in str(refused.value)
