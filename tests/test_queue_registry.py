@@ -188,3 +188,24 @@ def test_a_database_that_cannot_be_reached_is_named_without_its_password():
     assert str(refused.value).startswith(
         "database 'postgresql+psycopg://runner:***@127.0.0.1:1/sweep': ")
     assert "s3cret" not in str(refused.value)
+
+
+def test_the_never_claimed_pending_jobs_are_counted_per_group(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2") + rows("V=20", "N=256", "model=gpt2")
+               + rows("V=5", "N=4096", "model=gpt2", overrides=["training.batch_size=8"])
+               + rows("V=5", "N=512", "model=gpt2", overrides=["training.train_steps=7"]))
+    jobs = {j["name"]: j for j in queue.jobs()}
+    first, second = queue.claim("w", 600), queue.claim("w", 600)
+    queue.fail(first, "boom")
+    queue.release(second, 0)  # pending again, but claimed once: not counted
+
+    def key(job):
+        return job["v"], job["model"], job["total_steps"], job["cost"]
+
+    expected: dict = {}
+    for name, job in jobs.items():
+        if not name.endswith(("V5_N256_run1", "V5_N256_run2")):
+            expected[key(job)] = expected.get(key(job), 0) + 1
+    assert len(expected) == 4 and len({k[3] for k in expected}) == 4
+    found = {key(g): g["jobs"] for g in queue.unclaimed_pending()}
+    assert found == expected
