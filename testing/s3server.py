@@ -45,6 +45,26 @@ def _config(folder: Path) -> Path:
     return path
 
 
+# `weed mini` runs a master, a volume server, a filer and more, each on a fixed default port:
+# a second server started meanwhile (another test session, mutmut's parallel runs) would fail
+# to bind them. Each gets a free port of its own, kept in the folder for a restart.
+COMPONENT_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                   "filer.port", "filer.port.grpc", "s3.port.grpc", "webdav.port",
+                   "admin.port", "admin.port.grpc")
+UNUSED_SERVICES = ("s3.port.iceberg", "s3.port.lance")  # port 0: not started
+
+
+def _component_ports(folder: Path) -> list[str]:
+    path = folder / "component-ports.json"
+    if path.exists():
+        ports = json.loads(path.read_text())
+    else:
+        ports = {name: free_port() for name in COMPONENT_PORTS}
+        path.write_text(json.dumps(ports))
+    return ([f"-{name}={number}" for name, number in ports.items()]
+            + [f"-{name}=0" for name in UNUSED_SERVICES])
+
+
 def start(folder: Path, port: int | None = None, timeout: float = 60) -> str:
     """Start the server with its data in `folder` (kept across a restart on the same port);
     its endpoint URL once it answers."""
@@ -56,7 +76,8 @@ def start(folder: Path, port: int | None = None, timeout: float = 60) -> str:
     log = open(folder / "weed.log", "ab")
     proc = subprocess.Popen(
         [weed, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-s3.port={port}", f"-s3.config={_config(folder)}", "-admin.ui=false"],
+         f"-s3.port={port}", *_component_ports(folder), f"-s3.config={_config(folder)}",
+         "-admin.ui=false"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     _started[proc.pid] = proc
     (folder / "weed.pid").write_text(str(proc.pid))
