@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from db import DatabaseError, JobQueue, LeaseLost, connect
-from db.queue import config_changes, worker_host
+from db.queue import Lease, config_changes, worker_host
 from tests.support.queues import rows
 
 SLURM = {"slurm_job_id": "120", "slurm_array": "119_1", "slurm_restarts": 2, "gpus": "3"}
@@ -209,3 +209,38 @@ def test_the_never_claimed_pending_jobs_are_counted_per_group(queue):
     assert len(expected) == 4 and len({k[3] for k in expected}) == 4
     found = {key(g): g["jobs"] for g in queue.unclaimed_pending()}
     assert found == expected
+
+
+def test_a_heartbeat_records_who_beat_and_marks_the_worker_busy_with_its_job(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    queue.register_worker("w", "h", 1, None, "cpu", 600.0)
+    claim = queue.claim("w", 600)
+    assert queue.heartbeat(claim) == Lease(True, None)
+    beat = queue.events()[-1]
+    assert (beat["kind"], beat["worker"], beat["token"], beat["attempt"]) == (
+        "heartbeat", "w", claim.token, 1)
+    (worker,) = queue.workers()
+    assert (worker["state"], worker["job"]) == ("busy", claim.name)
+
+
+def test_a_heartbeat_passes_on_the_stop_asked_for_and_resume_withdraws_only_a_pause(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    paused, cancelled = queue.claim("a", 600), queue.claim("b", 600)
+    queue.cancel([cancelled.name])
+    queue.pause(now=True)
+    assert queue.heartbeat(paused) == Lease(True, "pause")
+    assert queue.heartbeat(cancelled) == Lease(True, "cancel")
+    assert queue.resume() is True
+    assert queue.heartbeat(paused) == Lease(True, None)
+    assert queue.heartbeat(cancelled) == Lease(True, "cancel")
+    queue.release(paused, 3)
+    assert queue.heartbeat(paused) == Lease(False, None)
+
+
+def test_a_release_without_the_lease_is_refused_in_one_line(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    claim = queue.claim("w", 600)
+    queue.release(claim, 2)
+    with pytest.raises(LeaseLost, match=r"run1: lease lost; not released$"):
+        queue.release(claim, 3)
+    assert queue.jobs()[0]["step"] == 2
