@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, Phase, settings
 
 from db import JobQueue, connect
 from testing import pgbouncer, pgserver, s3server
@@ -33,6 +33,19 @@ SERVER_FIXTURES = {"pg_server_url", "pgbouncer_url", "pg_cluster", "s3_server", 
 # length, far past its CI budget. Registered here: pytest loads the profile before it
 # imports any test module.
 settings.register_profile("long", max_examples=300, stateful_step_count=60, deadline=None)
+# Under mutmut (MUTANT_UNDER_TEST set in each mutant's run): the CI budget, the same examples
+# for every mutant, and no shrinking: a failure is all a mutant's run needs, and shrinking one
+# in the model-based test took minutes per mutant.
+settings.register_profile("mutation", max_examples=25, stateful_step_count=50, deadline=None,
+                          derandomize=True, database=None,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                          suppress_health_check=[HealthCheck.too_slow,
+                                                 HealthCheck.filter_too_much])
+
+
+def pytest_configure(config):
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        settings.load_profile("mutation")
 
 
 def needs_a_server(item: pytest.Item) -> bool:
