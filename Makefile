@@ -118,7 +118,7 @@ coverage: $(STAMP) ## branch coverage per module, workers in subprocesses includ
 # MUTANTS="runner.liveness*" narrows mutmut to those names (all of [tool.mutmut]: hours).
 # One OpenMP thread: mutmut forks a child per mutant, and the child of a process whose OpenMP
 # pool has started hangs at its first parallel torch op.
-mutmut: $(STAMP) ## mutmut 3 over the queue, liveness and checkpoint code; lists the survivors
+mutmut: $(STAMP) ## mutmut 3 over the queue, liveness, checkpoint and bucket-head code; lists the survivors
 	$(PY) -m pip install -q -e '.[mutation]'
 	rm -rf mutants
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run $(MUTANTS); $(VENV)/bin/mutmut results

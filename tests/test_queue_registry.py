@@ -215,12 +215,15 @@ def test_a_heartbeat_records_who_beat_and_marks_the_worker_busy_with_its_job(que
     queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
     queue.register_worker("w", "h", 1, None, "cpu", 600.0)
     claim = queue.claim("w", 600)
+    with queue.engine.begin() as conn:  # last seen long ago: the beat must renew it
+        conn.exec_driver_sql("UPDATE workers SET seen_at = seen_at - 100, state = 'idle'")
     assert queue.heartbeat(claim) == Lease(True, None)
     beat = queue.events()[-1]
     assert (beat["kind"], beat["worker"], beat["token"], beat["attempt"]) == (
         "heartbeat", "w", claim.token, 1)
     (worker,) = queue.workers()
     assert (worker["state"], worker["job"]) == ("busy", claim.name)
+    assert worker["seen_age"] < 50 and worker["alive"]
 
 
 def test_a_heartbeat_passes_on_the_stop_asked_for_and_resume_withdraws_only_a_pause(queue):
