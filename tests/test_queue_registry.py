@@ -186,7 +186,8 @@ def test_a_database_that_cannot_be_reached_is_named_without_its_password():
     with pytest.raises(DatabaseError) as refused:
         JobQueue(engine).counts()
     assert str(refused.value).startswith(
-        "database 'postgresql+psycopg://runner:***@127.0.0.1:1/sweep': ")
+        "database 'postgresql+psycopg://runner:***@127.0.0.1:1/sweep': connection failed: ")
+    assert str(refused.value).endswith("Connection refused")
     assert "s3cret" not in str(refused.value)
 
 
@@ -247,3 +248,14 @@ def test_a_release_without_the_lease_is_refused_in_one_line(queue):
     with pytest.raises(LeaseLost, match=r"run1: lease lost; not released$"):
         queue.release(claim, 3)
     assert queue.jobs()[0]["step"] == 2
+
+
+def test_events_are_read_oldest_first_for_the_queue_or_one_job(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    first, second = queue.claim("w", 600), queue.claim("w", 600)
+    queue.heartbeat(first)
+    every = queue.events()
+    assert [e["id"] for e in every] == sorted(e["id"] for e in every)
+    assert [(e["kind"], e["job_id"]) for e in queue.events(first.id)] == [
+        (e["kind"], e["job_id"]) for e in every if e["job_id"] == first.id]
+    assert {e["job_id"] for e in queue.events(second.id)} == {second.id}
