@@ -1,6 +1,7 @@
-"""requeue, as a contract every backend must meet: what it takes (the named jobs only, unless
-asked for the failed ones), a running job requeued only once its worker is known dead or its
-lease expired, what it records, and its refusals, each in one line naming the job."""
+"""requeue and the reclaim of a dead worker's job, as a contract every backend must meet: what
+requeue takes (the named jobs only, unless asked for the failed ones), a running job requeued
+only once its worker is known dead or its lease expired, what each records, and requeue's
+refusals, each in one line naming the job."""
 
 from __future__ import annotations
 
@@ -89,3 +90,38 @@ def test_a_running_job_whose_worker_process_lives_is_refused(queue, other_proces
     with pytest.raises(ValueError, match=r"is running \(worker "):
         queue.requeue([claim.name], host=HOST, is_dead=dead_reason)
     assert queue.jobs()[0]["state"] == "running"
+
+
+def test_requeue_records_where_each_job_came_from_and_ends_an_expired_lease(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    failed, expired = queue.claim("w", 600), queue.claim("v", 600)
+    queue.fail(failed, "boom")
+    with queue.engine.begin() as conn:  # v went silent: its lease ran out long ago
+        conn.exec_driver_sql(f"UPDATE jobs SET heartbeat_at = heartbeat_at - 700 "
+                             f"WHERE name = '{expired.name}'")
+    assert queue.requeue([expired.name], failed=True) == sorted([failed.name, expired.name])
+    events = [(e["job_id"], e["kind"], e["worker"], e["token"], json.loads(e["detail"]))
+              for e in queue.events() if e["kind"] in ("expire", "requeue")]
+    assert sorted(events, key=str) == sorted([
+        (expired.id, "expire", "v", expired.token, {"requeued": True}),
+        (expired.id, "requeue", None, None, {"from": "running", "fresh": False}),
+        (failed.id, "requeue", None, None, {"from": "failed", "fresh": False})], key=str)
+
+
+def test_reclaiming_a_dead_workers_job_ends_its_lease_and_says_whose_and_why(
+        queue, other_process):
+    pid = other_process.pid
+    name = f"{HOST}:cpu:{pid}"
+    boot, start = process_token(pid).rsplit(":", 1)
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    queue.register_worker(name, HOST, pid, f"{boot}:{int(start) - 1}", "cpu", 600)
+    claim = queue.claim(name, 600)
+    queue.reclaim_dead(HOST, dead_reason, by="worker x")
+    (job,) = queue.jobs()
+    assert (job["state"], job["lease_token"], job["heartbeat_at"]) == ("pending", None, None)
+    (event,) = [e for e in queue.events() if e["kind"] == "reclaim"]
+    assert (event["worker"], event["token"], json.loads(event["detail"])) == (
+        name, claim.token, {"reason": f"pid {pid} now belongs to another process",
+                            "by": "worker x", "to": "pending"})
+    assert [(w["name"], w["state"], w["job"]) for w in queue.workers()] == [
+        (name, "exited", None)]
