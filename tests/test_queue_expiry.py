@@ -58,3 +58,42 @@ def test_a_finish_is_recorded_with_its_lease_and_refused_without_it(queue):
         queue.finish(claim, {"accuracy": 0.1})
     (job,) = queue.jobs()
     assert (job["state"], job["test_accuracy"]) == ("succeeded", 0.9)
+
+
+def test_cancel_says_what_it_did_to_each_job_and_records_it(queue):
+    queue.plan(rows("V=5", "N=256"))
+    done, live, silent = (queue.claim(w, 600) for w in ("a", "b", "c"))
+    queue.finish(done, {"accuracy": 0.5})
+    queue.pause(now=True)  # the silent worker's job carries a pause request when it expires
+    with queue.engine.begin() as conn:
+        conn.exec_driver_sql(f"UPDATE jobs SET heartbeat_at = heartbeat_at - 10000 "
+                             f"WHERE name = '{silent.name}'")
+    pending = [j["name"] for j in queue.jobs() if j["state"] == "pending"][0]
+    with pytest.raises(ValueError, match=r"^no job named x, y$"):
+        queue.cancel([pending, "x", "y"])
+    report = queue.cancel([done.name, live.name, silent.name, pending])
+    assert (report.skipped, report.asked, sorted(report.cancelled)) == (
+        [done.name], [live.name], sorted([silent.name, pending]))
+    jobs = {j["name"]: j for j in queue.jobs()}
+    assert (jobs[live.name]["state"], jobs[live.name]["stop_request"]) == ("running", "cancel")
+    gone = jobs[silent.name]
+    assert (gone["state"], gone["lease_token"], gone["stop_request"], gone["heartbeat_at"]) == (
+        "cancelled", None, None, None)
+    names = {j["id"]: name for name, j in jobs.items()}
+    recorded = sorted((names[e["job_id"]], e["kind"], e["worker"], e["token"],
+                       json.loads(e["detail"])) for e in queue.events()
+                      if e["kind"] in ("cancel", "expire"))
+    assert recorded == sorted([
+        (live.name, "cancel", None, None, {"asked": "b"}),
+        (silent.name, "expire", "c", silent.token, {"cancelled": True}),
+        (silent.name, "cancel", None, None, {"from": "running"}),
+        (pending, "cancel", None, None, {"from": "pending"})])
+
+
+def test_progress_records_the_newest_test_accuracy_and_balanced_accuracy(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    claim = queue.claim("w", 600)
+    queue.progress(claim, 7, 0.5, {"accuracy": 0.75, "balanced_accuracy": 0.625})
+    (job,) = queue.jobs()
+    assert (job["step"], job["loss"], job["test_accuracy"], job["balanced_accuracy"]) == (
+        7, 0.5, 0.75, 0.625)
