@@ -163,7 +163,9 @@ def test_a_process_token_is_its_boot_and_start_time_even_behind_an_odd_name(tmp_
 
 
 def test_looking_at_a_pid_sends_nothing_and_a_process_one_may_not_signal_exists():
-    proc = subprocess.Popen(["sleep", "30"])
+    # SIGHUP as by default, even under nohup (whose ignoring it a child would inherit).
+    proc = subprocess.Popen(["sleep", "30"],
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     try:
         assert _pid_exists(proc.pid)
         time.sleep(0.3)
