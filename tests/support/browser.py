@@ -59,9 +59,10 @@ def chrome(offline: bool = False, width: int = 1400, height: int = 1000):
     session = webdriver.Chrome(options=options, service=Service(executable_path=driver))
     session.set_page_load_timeout(60)
     if offline:
-        session.execute_cdp_cmd("Network.enable", {})
-        session.execute_cdp_cmd("Network.emulateNetworkConditions", {
-            "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+        # chromedriver's own network conditions, which it applies again to every page the
+        # session opens: a bare CDP Network.emulateNetworkConditions lasts only until the
+        # next navigation in chromium 150 (navigator.onLine reads true on the new page).
+        session.set_network_conditions(offline=True, latency=0, throughput=0)
     return session
 
 
