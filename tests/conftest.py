@@ -15,6 +15,7 @@ without anyone marking them by hand.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -46,6 +47,13 @@ settings.register_profile("mutation", max_examples=25, stateful_step_count=50, d
 def pytest_configure(config):
     if os.environ.get("MUTANT_UNDER_TEST"):
         settings.load_profile("mutation")
+    # The tests stop their children with SIGINT and SIGHUP, as a terminal or SLURM would.
+    # A suite started in the background (`make test &`, nohup) inherits both ignored, and
+    # an ignored signal stays ignored across exec: its children would never see them.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def needs_a_server(item: pytest.Item) -> bool:
