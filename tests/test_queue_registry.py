@@ -241,6 +241,18 @@ def test_a_heartbeat_passes_on_the_stop_asked_for_and_resume_withdraws_only_a_pa
     assert queue.heartbeat(paused) == Lease(False, None)
 
 
+def test_a_plain_pause_asks_no_job_back_and_pause_now_records_whom_it_asked(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    first, second = queue.claim("a", 600), queue.claim("b", 600)
+    assert queue.pause() == []
+    assert queue.heartbeat(first) == Lease(True, None)
+    assert [e for e in queue.events() if e["kind"] == "pause"] == []
+    queue.cancel([second.name])              # a job already asked to stop is not asked again
+    assert queue.pause(now=True) == [first.name]
+    assert [(e["job_id"], json.loads(e["detail"])) for e in queue.events()
+            if e["kind"] == "pause"] == [(first.id, {"asked": "a"})]
+
+
 def test_a_release_without_the_lease_is_refused_in_one_line(queue):
     queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
     claim = queue.claim("w", 600)
