@@ -93,7 +93,7 @@ lint: $(STAMP) ## ruff
 
 test: $(STAMP) ## lint and the test suite (what CI runs)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q; s=$$?; \
+	$(PY) -m pytest -q --durations=25; s=$$?; \
 	  if [ $$s -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$s
 
 # Markers: slow and chaos are set by hand, server by tests/conftest.py (pyproject.toml lists them).
