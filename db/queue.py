@@ -237,7 +237,7 @@ class JobQueue:
         def body(conn: Connection, retrying: bool) -> PlanReport:
             report = PlanReport()
             stored = {r.name: r for r in conn.execute(
-                select(Job.id, Job.name, Job.state, Job.config, Job.out_dir))}
+                select(Job.id, Job.name, Job.config, Job.out_dir))}
             for row in rows:
                 values = {**row, "config": json.dumps(row["config"], sort_keys=True),
                           "overrides": json.dumps(list(row["overrides"]))}
