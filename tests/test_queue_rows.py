@@ -139,7 +139,11 @@ def test_progress_gives_up_on_the_lock_long_before_a_claim_would(sqlite_queue):
     queue, blocker = sqlite_queue
     claim = queue.claim("w", 600)
     blocker.execute("BEGIN IMMEDIATE")
-    threading.Timer(5, blocker.rollback).start()  # the lock is held for 5 s
-    with pytest.raises(DatabaseError, match="locked"):  # progress waits about 2 s
-        queue.progress(claim, 3, 0.5)
-    assert queue.claim("w2", 600) is not None  # a claim waits up to 10 s: the lock came free
+    release = threading.Timer(5, blocker.rollback)  # the lock is held for 5 s
+    release.start()
+    try:
+        with pytest.raises(DatabaseError, match="locked"):  # progress waits about 2 s
+            queue.progress(claim, 3, 0.5)
+        assert queue.claim("w2", 600) is not None  # a claim waits up to 10 s: it came free
+    finally:
+        release.join()  # never left to touch the connection after the fixture closed it
