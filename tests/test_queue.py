@@ -11,7 +11,7 @@ import pytest
 from db import LeaseLost
 from runner.liveness import HOST, dead_reason
 from testing.audit import lease_violations
-from tests.support.queues import rows
+from tests.support.queues import last_planned_first, rows
 
 
 def test_plan_is_idempotent_and_adds_only_new_jobs(queue):
@@ -66,9 +66,7 @@ def test_an_expired_job_takes_its_place_in_the_claim_order(queue):
 
 @pytest.mark.parametrize("order", ["guide", "cost"])
 def test_the_claim_order_is_by_position_not_by_when_a_job_was_planned(queue, order):
-    planned = rows("V=5", "N=256", "model=gpt2")   # 3 jobs of one cost
-    for row, position in zip(planned, (30, 20, 10), strict=True):
-        row["position"] = position                 # the last planned comes first
+    planned = last_planned_first(rows("V=5", "N=256", "model=gpt2"))   # 3 jobs of one cost
     queue.plan(planned)
     first = queue.claim("a", 0.2, order=order)
     assert first.name == planned[2]["name"]

@@ -16,7 +16,7 @@ import pytest
 
 from db import DatabaseError, JobQueue, connect
 from db.engine import BUSY_TIMEOUT_ENV
-from tests.support.queues import digest, rows
+from tests.support.queues import digest, last_planned_first, rows
 
 ONE = ("V=5", "N=256", "model=gpt2", "run=1")
 
@@ -85,9 +85,7 @@ def test_a_dry_run_replace_reports_every_job_it_would_reset_and_writes_nothing(q
 
 
 def test_jobs_are_read_in_position_order_not_in_the_order_planned(queue):
-    planned = rows("V=5", "N=256", "model=gpt2")
-    for row, position in zip(planned, (30, 20, 10), strict=True):
-        row["position"] = position
+    planned = last_planned_first(rows("V=5", "N=256", "model=gpt2"))
     queue.plan(planned)
     names = [row["name"] for row in reversed(planned)]
     assert [job["name"] for job in queue.jobs()] == names

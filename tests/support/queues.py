@@ -38,6 +38,14 @@ def rows(*only, overrides=(), out_root="runs"):
     return job_rows(sweep, "smoke", parse_only(only, sweep), list(overrides), out_root)
 
 
+def last_planned_first(planned: list[dict]) -> list[dict]:
+    """The rows with positions that put the guide's order against the order planned (and
+    so against the ids): ids and positions must not be confused."""
+    for row, position in zip(planned, range(10 * len(planned), 0, -10), strict=True):
+        row["position"] = position
+    return planned
+
+
 def digest(url: str) -> str:
     """Every row of every table, to prove nothing was written."""
     engine = create_engine(url)
