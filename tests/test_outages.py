@@ -30,7 +30,7 @@ import pytest
 from sqlalchemy import create_engine, exc
 from sqlalchemy.engine import make_url
 
-from db import JobQueue, LeaseLost, connect
+from db import DatabaseError, JobQueue, LeaseLost, connect
 from db.outage import OutageExceeded, OutageNotice, Outages, is_transient
 from runner.liveness import HOST
 from testing import pgserver
@@ -339,6 +339,69 @@ def test_a_retried_finish_after_a_takeover_is_refused(patient):
     job = next(j for j in patient.jobs() if j["id"] == old.id)
     assert (job["state"], job["test_accuracy"]) == ("succeeded", 0.5)
     assert finishes_per_job(patient.events()) == {old.id: 1}
+
+
+# The user's commands and progress write once: a transient failure is reported, never
+# repeated (a command is not always safe to repeat; progress is written again at the next
+# step). The set-up runs before the failing commit; the command runs under it.
+ONE_TRY = {
+    "plan": (None, lambda q, c: q.plan(rows("V=20", "N=256", "model=gpt2"))),
+    "requeue": (lambda q: q.fail(q.claim("w", 60), "boom"), lambda q, c: q.requeue(failed=True)),
+    "cancel": (lambda q: q.jobs()[0]["name"], lambda q, name: q.cancel([name])),
+    "pause": (None, lambda q, c: q.pause()),
+    "resume": (lambda q: q.pause(), lambda q, c: q.resume()),
+    "record_launch": (None, lambda q, c: q.record_launch("slurm", "7", 2, None, {})),
+    "cancel_launch": (lambda q: q.record_launch("slurm", "7", 2, None, {}),
+                      lambda q, c: q.cancel_launch("slurm", "7")),
+    "progress": (lambda q: q.claim("w", 60), lambda q, c: q.progress(c, 3, 0.5)),
+}
+
+
+def stored(queue: JobQueue) -> tuple:
+    """The queue's jobs (without their ages, which change with the clock), events, launches."""
+    jobs = [{k: v for k, v in job.items() if not k.endswith("_age")} for job in queue.jobs()]
+    return jobs, queue.events(), queue.launches("slurm")
+
+
+@pytest.mark.parametrize("command", ONE_TRY)
+def test_a_users_command_and_progress_are_tried_once_through_an_outage(queue, command):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    notices: list[OutageNotice] = []
+    patient = JobQueue(queue.engine, outage_budget=30, on_outage=notices.append)
+    set_up, run = ONE_TRY[command]
+    claim = set_up(patient) if set_up else None
+    before = stored(patient)
+    with commits_failing(patient, committed=False) as left, pytest.raises(DatabaseError) as e:
+        run(patient, claim)
+    assert type(e.value) is DatabaseError            # not an OutageExceeded after retrying
+    assert left == [0] and str(lost_answer(queue.engine.dialect.name)) in str(e.value)
+    assert [n.kind for n in notices] == ["started"]  # the outage is seen all the same
+    assert stored(patient) == before
+    assert [n.kind for n in notices] == ["started", "ended"]   # the database answered
+
+
+def test_a_retried_write_tells_the_one_who_watches_when_the_outage_starts_and_ends(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    notices: list[OutageNotice] = []
+    patient = JobQueue(queue.engine, outage_budget=30, on_outage=notices.append)
+    with commits_failing(patient, committed=False, times=2) as left:
+        claim = patient.claim("w", 60)
+    assert left == [0] and claim is not None
+    assert [(n.kind, n.budget) for n in notices] == [("started", 30), ("ended", 30)]
+    assert notices[0].reason.startswith("database '")
+    assert str(lost_answer(queue.engine.dialect.name)) in notices[0].reason
+
+
+def test_a_heartbeat_asked_to_stop_waits_for_no_retry(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2"))
+    patient = JobQueue(queue.engine, outage_budget=30)
+    claim = patient.claim("w", 60)
+    stop = threading.Event()
+    stop.set()    # the worker is stopping: its last beat is not worth an outage's wait
+    with commits_failing(patient, committed=False, times=3) as left, \
+            pytest.raises(DatabaseError):
+        patient.heartbeat(claim, cancel=stop)
+    assert left == [2]                               # one try, no retry
 
 
 def test_the_pool_hands_out_no_dead_connection_after_a_server_restart(pg_cluster):
