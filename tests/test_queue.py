@@ -64,6 +64,14 @@ def test_an_expired_job_takes_its_place_in_the_claim_order(queue):
     assert queue.claim("h", 60).name == later.name
 
 
+def test_an_unknown_claim_order_is_refused_naming_the_known_ones(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2", "run=1"))
+    with pytest.raises(ValueError) as refused:
+        queue.claim("w", 60, order="newest")
+    assert str(refused.value) == "unknown order 'newest' (known: guide, cost)"
+    assert queue.counts()["pending"] == 1 and queue.counts()["running"] == 0
+
+
 @pytest.mark.parametrize("order", ["guide", "cost"])
 def test_the_claim_order_is_by_position_not_by_when_a_job_was_planned(queue, order):
     planned = last_planned_first(rows("V=5", "N=256", "model=gpt2"))   # 3 jobs of one cost
