@@ -310,7 +310,7 @@ def test_a_claim_whose_commit_answer_was_lost_returns_the_job_it_took(patient):
     before = patient.claim("w0", 60)              # another worker's running job
     with commits_failing(patient, committed=True) as left:
         claim = patient.claim("w", 60)
-    assert left == [0]
+    assert left == [0] and (claim.worker, claim.lease_seconds) == ("w", 60)
     running = [j for j in patient.jobs() if j["state"] == "running"]
     assert [(j["id"], j["lease_token"], j["attempts"]) for j in running] == [
         (before.id, before.token, 1), (claim.id, claim.token, 1)]

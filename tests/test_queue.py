@@ -72,6 +72,22 @@ def test_an_unknown_claim_order_is_refused_naming_the_known_ones(queue):
     assert queue.counts()["pending"] == 1 and queue.counts()["running"] == 0
 
 
+def test_in_cost_order_the_costlier_of_the_pending_and_the_expired_job_comes_first(queue):
+    queue.plan(rows("V=5", "N=256", "model=gpt2") + rows("V=20", "N=256", "model=gpt2",
+                                                          "run=1"))
+    cheap = queue.claim("a", 0.2)                      # guide order: a V5 job
+    time.sleep(0.5)   # expired: V5 run 1; pending: V5 runs 2-3 and the costlier V20 run 1
+    costly = queue.claim("b", 0.2, order="cost")
+    assert "_V20_" in costly.name                      # the pending job, costlier
+    assert queue.claim("c", 60, order="cost").name == cheap.name   # expired before later V5
+    time.sleep(0.5)   # expired: the V20 job; pending: V5 runs 2-3, cheaper
+    assert queue.claim("d", 60, order="cost").name == costly.name
+    queue.claim("e", 60, order="cost")
+    queue.claim("f", 60, order="cost")
+    assert queue.claim("g", 60, order="cost") is None   # nothing left: none, in either order
+    assert queue.claim("g", 60) is None
+
+
 @pytest.mark.parametrize("order", ["guide", "cost"])
 def test_the_claim_order_is_by_position_not_by_when_a_job_was_planned(queue, order):
     planned = last_planned_first(rows("V=5", "N=256", "model=gpt2"))   # 3 jobs of one cost
