@@ -37,7 +37,7 @@ from testing import pgserver
 from testing.audit import finishes_per_job, lease_violations
 from testing.tcpproxy import Proxy
 from tests.support.commands import PYTHON, ROOT, plan, runner_env
-from tests.support.queues import METRICS, new_pg_database, rows
+from tests.support.queues import METRICS, digest, new_pg_database, rows
 from tests.support.skips import skip_or_fail
 from tests.support.training import assert_bit_identical, train_1thread
 from tests.support.waiting import wait_for
@@ -359,44 +359,41 @@ ONE_TRY = {
 }
 
 
-def stored(queue: JobQueue) -> tuple:
-    """The queue's jobs (without their ages, which change with the clock), events, launches."""
-    jobs = [{k: v for k, v in job.items() if not k.endswith("_age")} for job in queue.jobs()]
-    return jobs, queue.events(), queue.launches("slurm")
+@pytest.fixture
+def watched(patient) -> tuple[JobQueue, list[OutageNotice]]:
+    """The patient queue, and the outage notices it gives."""
+    notices: list[OutageNotice] = []
+    return JobQueue(patient.engine, outage_budget=30, on_outage=notices.append), notices
 
 
 @pytest.mark.parametrize("command", ONE_TRY)
-def test_a_users_command_and_progress_are_tried_once_through_an_outage(queue, command):
-    queue.plan(rows("V=5", "N=256", "model=gpt2"))
-    notices: list[OutageNotice] = []
-    patient = JobQueue(queue.engine, outage_budget=30, on_outage=notices.append)
+def test_a_users_command_and_progress_are_tried_once_through_an_outage(watched, db_url,
+                                                                        command):
+    queue, notices = watched
     set_up, run = ONE_TRY[command]
-    claim = set_up(patient) if set_up else None
-    before = stored(patient)
-    with commits_failing(patient, committed=False) as left, pytest.raises(DatabaseError) as e:
-        run(patient, claim)
+    claim = set_up(queue) if set_up else None
+    before = digest(db_url)
+    with commits_failing(queue, committed=False) as left, pytest.raises(DatabaseError) as e:
+        run(queue, claim)
     assert type(e.value) is DatabaseError            # not an OutageExceeded after retrying
     assert left == [0] and str(lost_answer(queue.engine.dialect.name)) in str(e.value)
+    assert digest(db_url) == before                  # nothing written
     assert [n.kind for n in notices] == ["started"]  # the outage is seen all the same
-    assert stored(patient) == before
+    queue.jobs()
     assert [n.kind for n in notices] == ["started", "ended"]   # the database answered
 
 
-def test_a_retried_write_tells_the_one_who_watches_when_the_outage_starts_and_ends(queue):
-    queue.plan(rows("V=5", "N=256", "model=gpt2"))
-    notices: list[OutageNotice] = []
-    patient = JobQueue(queue.engine, outage_budget=30, on_outage=notices.append)
-    with commits_failing(patient, committed=False, times=2) as left:
-        claim = patient.claim("w", 60)
+def test_a_retried_write_tells_the_one_who_watches_when_the_outage_starts_and_ends(watched):
+    queue, notices = watched
+    with commits_failing(queue, committed=False, times=2) as left:
+        claim = queue.claim("w", 60)
     assert left == [0] and claim is not None
     assert [(n.kind, n.budget) for n in notices] == [("started", 30), ("ended", 30)]
     assert notices[0].reason.startswith("database '")
     assert str(lost_answer(queue.engine.dialect.name)) in notices[0].reason
 
 
-def test_a_heartbeat_asked_to_stop_waits_for_no_retry(queue):
-    queue.plan(rows("V=5", "N=256", "model=gpt2"))
-    patient = JobQueue(queue.engine, outage_budget=30)
+def test_a_heartbeat_asked_to_stop_waits_for_no_retry(patient):
     claim = patient.claim("w", 60)
     stop = threading.Event()
     stop.set()    # the worker is stopping: its last beat is not worth an outage's wait
